@@ -1,0 +1,138 @@
+"""The attention math shared by every family's injection processor.
+
+Owns `ExtraKV` (what a block hook hands to its processor) and `attend_with_extras`, which extends one attention
+call with extra keys/values in joint or decoupled mode. The family processors own everything before (projections,
+norms, RoPE) and after (output projections); this module never touches a module's weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Sdpa = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class ExtraKV:
+    """Extra keys/values for one block and one forward call.
+
+    `k`, `v` are `[R, N, H, Dh]` for the `R` batch rows that receive them (`rows`, or every row when `None`, in
+    order). `lam` is the per-row strength: Python floats (eager) or a `[R]` tensor (under `torch.compile`, where
+    nothing may sync with the host). `key_mask` marks real extra tokens.
+    """
+
+    k: torch.Tensor  # [R, N, H, Dh]
+    v: torch.Tensor  # [R, N, H, Dh]
+    rows: list[int] | None
+    lam: list[float] | torch.Tensor  # [R]
+    key_mask: torch.Tensor | None  # [R, N] bool
+    mode: str  # "joint" | "decoupled"
+
+    def lam_is_one(self) -> bool:
+        return isinstance(self.lam, list) and all(x == 1.0 for x in self.lam)
+
+
+def _lam_tensor(lam: list[float] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(lam, torch.Tensor):
+        return lam.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(lam, device=like.device, dtype=like.dtype)
+
+
+def _extra_bias(extra: ExtraKV, like: torch.Tensor) -> torch.Tensor:
+    """Additive logit bias for the extra keys: `log(lam)` per row, `-inf` on padded tokens. `[R, N]`."""
+    R, N = extra.k.shape[0], extra.k.shape[1]
+    lam = _lam_tensor(extra.lam, like)  # [R]
+    bias = torch.log(lam)[:, None].expand(R, N)  # log(0) = -inf: the row is excluded
+    if extra.key_mask is not None:
+        bias = bias.masked_fill(~extra.key_mask, float("-inf"))
+    return bias
+
+
+def _base_bias(base_mask: torch.Tensor | None, B: int, L: int, like: torch.Tensor) -> torch.Tensor:
+    """The block's own mask as an additive bias `[B, 1, 1, L]`."""
+    if base_mask is None:
+        return torch.zeros(B, 1, 1, L, dtype=like.dtype, device=like.device)
+    if base_mask.dtype == torch.bool:
+        m = base_mask.reshape(base_mask.shape[0], 1, 1, -1) if base_mask.ndim == 2 else base_mask
+        bias = torch.zeros(m.shape, dtype=like.dtype, device=like.device).masked_fill(~m, float("-inf"))
+    else:
+        bias = base_mask.to(like.dtype)
+        if bias.ndim == 2:
+            bias = bias[:, None, None, :]
+    return bias.expand(B, *bias.shape[1:]) if bias.shape[0] == 1 else bias
+
+
+def _take(x: torch.Tensor | None, rows: list[int] | None) -> torch.Tensor | None:
+    if x is None or rows is None:
+        return x
+    if x.shape[0] == 1:
+        return x
+    return x[rows]
+
+
+def attend_with_extras(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    base_mask: torch.Tensor | None,
+    extra: ExtraKV,
+    sdpa: Sdpa,
+    seq_dim: int,
+) -> torch.Tensor:
+    """One attention call with extra keys/values.
+
+    `q, k, v` are the block's own tensors in its layout (`seq_dim` 1: `[B, L, H, Dh]`, 2: `[B, H, L, Dh]`);
+    `sdpa(q, k, v, mask)` is the block's own attention function. Rows outside `extra.rows` are computed exactly as
+    the unpatched block computes them.
+    """
+    B = q.shape[0]
+    ek, ev = extra.k, extra.v  # [R, N, H, Dh]
+    if seq_dim == 2:
+        ek, ev = ek.transpose(1, 2), ev.transpose(1, 2)  # [R, H, N, Dh]
+    ek, ev = ek.to(k.dtype), ev.to(v.dtype)
+    rows = extra.rows
+
+    if extra.mode == "decoupled":
+        out = sdpa(q, k, v, base_mask)  # the block's own attention, untouched
+        q_a = _take(q, rows)
+        bias = None
+        if extra.key_mask is not None:
+            bias = torch.zeros(extra.key_mask.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~extra.key_mask, float("-inf"))[:, None, None, :]  # [R, 1, 1, N]
+        added = sdpa(q_a, ek, ev, bias)  # same layout as out, R rows
+        lam = _lam_tensor(extra.lam, out).view(-1, 1, 1, 1)
+        if isinstance(extra.lam, list) and len(set(extra.lam)) == 1:
+            added = added * extra.lam[0]
+        else:
+            added = added * lam
+        if rows is None:
+            return out + added
+        out = out.clone()
+        out[rows] = out[rows] + added
+        return out
+
+    # joint: the extra keys join the block's softmax
+    q_a, k_a, v_a = _take(q, rows), _take(k, rows), _take(v, rows)
+    mask_a = _take(base_mask, rows)
+    R = q_a.shape[0]
+    k_cat = torch.cat([k_a, ek], dim=seq_dim)
+    v_cat = torch.cat([v_a, ev], dim=seq_dim)
+    if mask_a is None and extra.key_mask is None and extra.lam_is_one():
+        bias = None
+    else:
+        L = k_a.shape[seq_dim]
+        base = _base_bias(mask_a, R, L, q)  # [R, 1, 1, L]
+        ext = _extra_bias(extra, q)[:, None, None, :]  # [R, 1, 1, N]
+        bias = torch.cat([base, ext.expand(R, 1, 1, ext.shape[-1])], dim=-1)
+    out_a = sdpa(q_a, k_cat, v_cat, bias)
+    if rows is None:
+        return out_a
+    others = [i for i in range(B) if i not in set(rows)]
+    out = out_a.new_empty((B, *out_a.shape[1:]))
+    out[rows] = out_a
+    if others:
+        out[others] = sdpa(q[others], k[others], v[others], _take(base_mask, others))
+    return out

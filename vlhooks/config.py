@@ -1,0 +1,193 @@
+"""`InjectionConfig`: where, when and how strongly extra K/V are injected.
+
+Owns the config dataclass, its validation and the strength schedule as a function of denoising progress.
+Progress is model-agnostic: `0.0` is the first step (pure noise, sigma = 1) and `1.0` is clean (sigma = 0);
+each DiT family file converts its own timestep convention to it (`progress = 1 - sigma`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal, Union
+
+import torch
+
+from .errors import ConfigError
+
+BlockSelector = Union[str, list, tuple]
+Schedule = Union[str, Callable[[float], float]]
+
+SCHEDULES = ("constant", "linear_decay", "cosine_decay", "step")
+MODES = ("joint", "decoupled")
+GUIDANCE = ("auto", "none", "cond_first", "uncond_first")
+
+
+@dataclass
+class InjectionConfig:
+    """What to inject where, when and how strongly.
+
+    Args:
+        blocks (`str` | `list[int]`, defaults to `"all"`):
+            `"all"` (the family's main blocks), a named preset (`vh.list_presets(model)`: Flux `"double"` /
+            `"single"`, Z-Image `"main"` / `"refiners"` / `"context_refiner"` / `"noise_refiner"`, SD3 `"joint"`),
+            a list of block indices into `vh.list_sites(model)`, or a regex that must fully match site names
+            (e.g. `r"transformer_blocks\\.[0-3]"`).
+        window (`tuple[float, float]`, defaults to `(0.0, 1.0)`):
+            Denoising progress interval, inclusive: 0.0 = first step (pure noise), 1.0 = clean. Progress is
+            `1 - sigma` of the step being denoised.
+        schedule (`str` | callable, defaults to `"constant"`):
+            Strength factor over the window: `"constant"`, `"linear_decay"`, `"cosine_decay"`, `"step"`, or a
+            callable `u -> factor` where `u` in [0, 1] is the position inside the window.
+        schedule_params (`dict`):
+            `linear_decay` / `cosine_decay`: `end` (factor at the window's end, default 0.0).
+            `step`: `at` (position in the window, default 0.5) and `after` (factor after it, default 0.0).
+        scale (`float` | `dict[int, float]`, defaults to `1.0`):
+            Strength. In joint mode a `log(scale)` bias on the extra keys' logits (scale 1 = plain extra keys);
+            in decoupled mode the weight of the added attention. A dict maps block indices to scales; selected
+            blocks missing from it use 1.0. Scale 0 skips the block exactly.
+        mode (`str`, defaults to `"joint"`):
+            `"joint"`: extra K/V join the block's own softmax, seen by every query (image and text).
+            `"decoupled"`: a separate attention of the block's queries over the extra K/V, added with the scale.
+        guidance (`str`, defaults to `"auto"`):
+            Which batch rows are conditional. `"auto"`: a pipeline's batched classifier-free guidance is
+            detected (Z-Image `[cond, uncond]`, SD3 `[uncond, cond]`) and diffusers' `cache_context("uncond")`
+            marks whole unconditional calls (Flux true CFG); otherwise every row is conditional. `"none"`: every
+            row is conditional. `"cond_first"` / `"uncond_first"`: the model batch is `[cond; uncond]` /
+            `[uncond; cond]` halves. Unconditional rows get no injection unless negative features are given.
+    """
+
+    blocks: BlockSelector = "all"
+    window: tuple[float, float] = (0.0, 1.0)
+    schedule: Schedule = "constant"
+    schedule_params: dict[str, float] = field(default_factory=dict)
+    scale: Union[float, dict[int, float]] = 1.0
+    mode: Literal["joint", "decoupled"] = "joint"
+    guidance: Literal["auto", "none", "cond_first", "uncond_first"] = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window, list):
+            self.window = tuple(self.window)
+        if isinstance(self.blocks, tuple):
+            self.blocks = list(self.blocks)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the fix for any bad field."""
+        w = self.window
+        if not (isinstance(w, tuple) and len(w) == 2 and all(isinstance(x, (int, float)) for x in w)):
+            raise ConfigError(f"window must be a pair (start, end) of floats in [0, 1], got {w!r}.")
+        start, end = float(w[0]), float(w[1])
+        if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
+            raise ConfigError(
+                f"window {w!r} lies outside [0, 1]; progress runs from 0.0 (first step, pure noise) to 1.0 "
+                "(clean). Use e.g. window=(0.0, 0.6) for the first 60% of denoising."
+            )
+        if start > end:
+            raise ConfigError(f"window {w!r} has start > end; write it as (start, end) with start <= end.")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        if self.guidance not in GUIDANCE:
+            raise ConfigError(f"guidance must be one of {GUIDANCE}, got {self.guidance!r}.")
+        if not callable(self.schedule) and self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES} or a callable u -> factor, got {self.schedule!r}.")
+        allowed = {"linear_decay": {"end"}, "cosine_decay": {"end"}, "step": {"at", "after"}}.get(
+            self.schedule if isinstance(self.schedule, str) else "", set()
+        )
+        unknown = set(self.schedule_params) - allowed
+        if unknown:
+            raise ConfigError(
+                f"schedule_params {sorted(unknown)} are not used by schedule {self.schedule!r}; allowed: {sorted(allowed)}."
+            )
+        scales = self.scale.values() if isinstance(self.scale, dict) else [self.scale]
+        for s in scales:
+            if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(float(s)):
+                raise ConfigError(f"scale must be a finite float or a dict {{block index: float}}, got {self.scale!r}.")
+            if self.mode == "joint" and s < 0:
+                raise ConfigError(
+                    f"scale {s} < 0 in joint mode: the scale is a log(scale) logit bias and must be >= 0. "
+                    "Use mode='decoupled' for a negative weight."
+                )
+        if isinstance(self.scale, dict) and not all(isinstance(k, int) for k in self.scale):
+            raise ConfigError(f"scale dict keys must be block indices (int), got {list(self.scale)!r}.")
+        b = self.blocks
+        if isinstance(b, list):
+            if not b or not all(isinstance(i, int) and not isinstance(i, bool) for i in b):
+                raise ConfigError(f"blocks as a list must be non-empty block indices (int), got {b!r}.")
+        elif not isinstance(b, str) or not b:
+            raise ConfigError(f"blocks must be 'all', a preset name, a regex or a list of indices, got {b!r}.")
+
+    # ------------------------------------------------------------------ schedule
+    def in_window(self, progress: float) -> bool:
+        return self.window[0] <= progress <= self.window[1]
+
+    def factor(self, progress: float) -> float:
+        """Strength factor at `progress` (0 outside the window), before the per-block scale."""
+        if not self.in_window(progress):
+            return 0.0
+        start, end = self.window
+        u = 0.0 if end == start else (progress - start) / (end - start)
+        return float(_schedule_fn(self.schedule, self.schedule_params)(u))
+
+    def factor_tensor(self, progress: torch.Tensor) -> torch.Tensor:
+        """Tensor form of `factor` (no host sync), used under `torch.compile`."""
+        start, end = self.window
+        inside = (progress >= start) & (progress <= end)
+        u = torch.zeros_like(progress) if end == start else (progress - start) / (end - start)
+        u = u.clamp(0.0, 1.0)
+        fn = _schedule_fn(self.schedule, self.schedule_params)
+        if self.schedule == "constant":
+            f = torch.ones_like(u)
+        elif self.schedule == "linear_decay":
+            f = 1.0 + (self.schedule_params.get("end", 0.0) - 1.0) * u
+        elif self.schedule == "cosine_decay":
+            e = self.schedule_params.get("end", 0.0)
+            f = e + (1.0 - e) * 0.5 * (1.0 + torch.cos(math.pi * u))
+        elif self.schedule == "step":
+            f = torch.where(u < self.schedule_params.get("at", 0.5), 1.0, self.schedule_params.get("after", 0.0))
+            f = f.to(u.dtype)
+        else:  # a user callable: evaluated per element on the host
+            f = torch.tensor([float(fn(float(x))) for x in u.tolist()], dtype=u.dtype, device=u.device)
+        return torch.where(inside, f, torch.zeros_like(f))
+
+    def block_scale(self, index: int) -> float:
+        if isinstance(self.scale, dict):
+            return float(self.scale.get(index, 1.0))
+        return float(self.scale)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        if callable(self.schedule):
+            raise ConfigError("A callable schedule cannot be saved; use a named schedule to save this config.")
+        d = asdict(self)
+        d["window"] = list(self.window)
+        if isinstance(self.scale, dict):
+            d["scale"] = {str(k): v for k, v in self.scale.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InjectionConfig":
+        d = dict(d)
+        if isinstance(d.get("scale"), dict):
+            d["scale"] = {int(k): float(v) for k, v in d["scale"].items()}
+        if "window" in d:
+            d["window"] = tuple(d["window"])
+        return cls(**d)
+
+
+def _schedule_fn(schedule: Schedule, params: dict[str, float]) -> Callable[[float], float]:
+    if callable(schedule):
+        return schedule
+    if schedule == "constant":
+        return lambda u: 1.0
+    if schedule == "linear_decay":
+        e = params.get("end", 0.0)
+        return lambda u: 1.0 + (e - 1.0) * u
+    if schedule == "cosine_decay":
+        e = params.get("end", 0.0)
+        return lambda u: e + (1.0 - e) * 0.5 * (1.0 + math.cos(math.pi * u))
+    if schedule == "step":
+        at, after = params.get("at", 0.5), params.get("after", 0.0)
+        return lambda u: 1.0 if u < at else after
+    raise ConfigError(f"Unknown schedule {schedule!r}.")

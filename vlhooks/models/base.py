@@ -1,0 +1,171 @@
+"""`DiTFamily`: the per-architecture facts injection needs, and the registry of families.
+
+A family file (`z_image.py`, `flux.py`, `sd3.py`) subclasses `DiTFamily` and registers it. It says which blocks
+are sites, how the denoiser's timestep maps to progress, what the model does to its caption tokens before
+attention (`embed` once per generation, `text_kv` per block and step), and which processor extends the block's
+attention. Adding an architecture is adding one file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Hashable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, TargetError
+
+
+@dataclass(frozen=True)
+class Site:
+    """One targetable block: `name` is its module path (e.g. `"transformer_blocks.3"`), `index` its position in
+    `list_sites`, `kind` the family's block kind (`"double"`, `"single"`, `"main"`, ...)."""
+
+    name: str
+    index: int
+    kind: str
+    attn_name: str  # attribute of the block holding the attention module
+
+    def block(self, transformer: nn.Module) -> nn.Module:
+        return transformer.get_submodule(self.name)
+
+    def attention(self, transformer: nn.Module) -> nn.Module:
+        return self.block(transformer).get_submodule(self.attn_name)
+
+
+def arg(args: tuple, kwargs: dict, name: str, position: int, default: Any = None) -> Any:
+    """Read a forward argument that may come by keyword or by position (blocks under gradient checkpointing are
+    always called positionally)."""
+    if name in kwargs:
+        return kwargs[name]
+    if len(args) > position:
+        return args[position]
+    return default
+
+
+class DiTFamily:
+    """Per-architecture facts. Subclasses set the class attributes and implement the methods."""
+
+    name: str = ""
+    transformer_classes: tuple[str, ...] = ()
+    # Layout of batched classifier-free guidance in this family's pipeline, or None when the pipeline makes
+    # separate conditional / unconditional calls.
+    batched_guidance: str | None = None
+    # preset name -> regex over site names; "all" is the family's main blocks
+    presets: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ structure
+    def matches(self, transformer: nn.Module) -> bool:
+        return type(transformer).__name__ in self.transformer_classes
+
+    def sites(self, transformer: nn.Module) -> list[Site]:
+        raise NotImplementedError
+
+    def caption_width(self, transformer: nn.Module) -> int:
+        """Width of the `prompt_embeds` the pipeline passes (the feature space of zero-shot injection)."""
+        raise NotImplementedError
+
+    def hidden_width(self, transformer: nn.Module) -> int:
+        raise NotImplementedError
+
+    def select(self, transformer: nn.Module, blocks: str | list[int]) -> list[Site]:
+        """Resolve an `InjectionConfig.blocks` selector to sites, or raise naming what exists."""
+        sites = self.sites(transformer)
+        names = [s.name for s in sites]
+        if isinstance(blocks, list):
+            bad = [i for i in blocks if not 0 <= i < len(sites)]
+            if bad:
+                raise ConfigError(
+                    f"block indices {bad} are out of range: {type(transformer).__name__} has {len(sites)} sites "
+                    f"(0..{len(sites) - 1}); see vh.list_sites(model)."
+                )
+            return [sites[i] for i in sorted(set(blocks))]
+        if blocks in self.presets:
+            pattern = self.presets[blocks]
+        else:
+            pattern = blocks
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(
+                f"blocks={blocks!r} is neither a preset ({sorted(self.presets)}) nor a valid regex: {e}."
+            ) from None
+        chosen = [s for s in sites if rx.fullmatch(s.name)]
+        if not chosen:
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise ConfigError(
+                f"blocks={blocks!r} matches no site of {type(transformer).__name__}. Presets: "
+                f"{sorted(self.presets)}; a regex must fully match a site name such as {shown} "
+                "(vh.list_sites(model) lists them all)."
+            )
+        return chosen
+
+    # ------------------------------------------------------------------ calls
+    def batch_size(self, args: tuple, kwargs: dict) -> int:
+        raise NotImplementedError
+
+    def read_progress(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Denoising progress `1 - sigma` per batch row (`[B]` or `[1]`), from the denoiser's own arguments."""
+        raise NotImplementedError
+
+    def check_call(self, args: tuple, kwargs: dict) -> None:
+        """Raise for a call the injection cannot serve (e.g. an unsupported input mode)."""
+
+    # ------------------------------------------------------------------ the text path, zero-shot
+    def embed_key(self, site: Site) -> Hashable:
+        """Sites with the same key share one embedding of the features (one per generation)."""
+        return "caption"
+
+    def embed(
+        self, transformer: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None, site: Site, cache: dict
+    ) -> torch.Tensor:
+        """What the model does to caption tokens before the block, independent of the timestep. `[B, N, D]`.
+        `cache` lives as long as the features (one generation or more) for timestep-independent tensors."""
+        raise NotImplementedError
+
+    def text_kv(
+        self,
+        transformer: nn.Module,
+        site: Site,
+        hidden: torch.Tensor,
+        block_args: tuple,
+        block_kwargs: dict,
+        rows: list[int] | None,
+        cache: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's own text path up to attention: pre-norm and modulation, text K/V projections, qk-norm,
+        RoPE. `hidden` is `[R, N, D]` for batch `rows`; returns `k, v` as `[R, N, H, Dh]`."""
+        raise NotImplementedError
+
+    def make_processor(self, site: Site, base: Any) -> Any:
+        """The processor that replaces `base` on the site's attention module while patched."""
+        raise NotImplementedError
+
+
+_FAMILIES: list[DiTFamily] = []
+
+
+def register_family(family: DiTFamily) -> DiTFamily:
+    """Register a `DiTFamily` instance (one per architecture file)."""
+    _FAMILIES.append(family)
+    return family
+
+
+def family_for(transformer: nn.Module) -> DiTFamily:
+    for fam in _FAMILIES:
+        if fam.matches(transformer):
+            return fam
+    known = sorted(c for f in _FAMILIES for c in f.transformer_classes)
+    raise TargetError(
+        f"{type(transformer).__name__} is not a supported DiT. Supported: {known}. Pass a diffusers pipeline or its "
+        "`.transformer`; to add an architecture, write a `DiTFamily` and call `vh.register_family`."
+    )
+
+
+def rows_of(x: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+    """Select batch rows of a per-row conditioning tensor (a batch of 1 broadcasts)."""
+    if rows is None or x.shape[0] == 1:
+        return x
+    return x[rows]

@@ -1,0 +1,142 @@
+"""Flux.1 (`FluxTransformer2DModel`): 19 double-stream blocks then 38 single-stream blocks at full size.
+
+Facts used here (diffusers 0.42):
+- Sites: `transformer_blocks.{i}` (double, indices 0..D-1) then `single_transformer_blocks.{i}` (single,
+  indices D..D+S-1). Presets: `"all"`, `"double"`, `"single"`.
+- Timestep: the pipeline passes sigma in [0, 1] (x1000 inside the model), so progress is `1 - timestep`.
+- Caption path: `context_embedder` (Linear) once per call. Double block: `norm1_context(x, temb)`
+  (AdaLayerNormZero), `add_k_proj`/`add_v_proj`, `norm_added_k`. Single block: `norm(x, temb)`
+  (AdaLayerNormZeroSingle), `to_k`/`to_v`, `norm_k`.
+- Position policy for extra tokens: position 0 on every axis, as the pipelines set `txt_ids = 0`; the rotation
+  at position 0 is the identity, so extra keys are not rotated.
+- Guidance: the Flux pipeline makes separate conditional / unconditional calls inside
+  `transformer.cache_context("cond"/"uncond")`; the injection reads that context.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+from torch import nn
+
+from ..attention import ExtraKV, attend_with_extras
+from .base import DiTFamily, Site, arg, register_family, rows_of
+
+
+class FluxInjectionProcessor(FluxAttnProcessor):
+    """`FluxAttnProcessor` that also attends to the extra K/V its block hook left in `pending`.
+    With nothing pending it calls the original processor, so inactive steps are bit-identical."""
+
+    def __init__(self, base: Any):
+        super().__init__()
+        self.base = base
+        self.pending: ExtraKV | None = None
+        self._attention_backend = getattr(base, "_attention_backend", None)
+        self._parallel_config = getattr(base, "_parallel_config", None)
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        extra, self.pending = self.pending, None
+        if extra is None:
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, L, H, Dh]
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)  # [txt, img]
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        def sdpa(q, k, v, mask):
+            return dispatch_attention_fn(
+                q, k, v, attn_mask=mask, backend=self._attention_backend, parallel_config=self._parallel_config
+            )
+
+        hidden_states = attend_with_extras(query, key, value, attention_mask, extra, sdpa, seq_dim=1)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+class FluxFamily(DiTFamily):
+    name = "flux"
+    transformer_classes = ("FluxTransformer2DModel",)
+    batched_guidance = None  # separate cond / uncond calls, marked by cache_context
+    presets = {
+        "all": r"(single_)?transformer_blocks\.\d+",
+        "double": r"transformer_blocks\.\d+",
+        "single": r"single_transformer_blocks\.\d+",
+    }
+
+    def sites(self, transformer):
+        out = [Site(f"transformer_blocks.{i}", i, "double", "attn") for i in range(len(transformer.transformer_blocks))]
+        d = len(out)
+        out += [
+            Site(f"single_transformer_blocks.{i}", d + i, "single", "attn")
+            for i in range(len(transformer.single_transformer_blocks))
+        ]
+        return out
+
+    def caption_width(self, transformer):
+        return int(transformer.config.joint_attention_dim)
+
+    def hidden_width(self, transformer):
+        return int(transformer.inner_dim)
+
+    def batch_size(self, args, kwargs):
+        return int(arg(args, kwargs, "hidden_states", 0).shape[0])
+
+    def read_progress(self, args, kwargs):
+        t = arg(args, kwargs, "timestep", 3)
+        return 1.0 - torch.as_tensor(t).reshape(-1).float()
+
+    def embed(self, transformer, tokens, mask, site, cache):
+        return transformer.context_embedder(tokens)  # [B, N, D]
+
+    def text_kv(self, transformer, site, hidden, block_args, block_kwargs, rows, cache):
+        block = site.block(transformer)
+        attn = block.attn
+        temb = rows_of(arg(block_args, block_kwargs, "temb", 2), rows)  # [R, D]
+        if site.kind == "double":
+            x = block.norm1_context(hidden, emb=temb)[0]  # [R, N, D]
+            k = attn.norm_added_k(attn.add_k_proj(x).unflatten(-1, (-1, attn.head_dim)))  # [R, N, H, Dh]
+            v = attn.add_v_proj(x).unflatten(-1, (-1, attn.head_dim))
+        else:
+            x = block.norm(hidden, emb=temb)[0]
+            k = attn.norm_k(attn.to_k(x).unflatten(-1, (-1, attn.head_dim)))
+            v = attn.to_v(x).unflatten(-1, (-1, attn.head_dim))
+        return k, v
+
+    def make_processor(self, site, base):
+        return FluxInjectionProcessor(base)
+
+
+register_family(FluxFamily())

@@ -1,0 +1,129 @@
+"""SD3 / SD3.5 (`SD3Transformer2DModel`): MMDiT joint blocks, image tokens first.
+
+Facts used here (diffusers 0.42):
+- Sites: `transformer_blocks.{i}` (their joint `attn`; SD3.5's image-only `attn2` is not a text site).
+- Timestep: the raw scheduler timestep in 0..1000 (sigma x 1000), so progress is `1 - timestep / 1000`.
+- Caption path: `context_embedder` (Linear) once per call; in a block `norm1_context(x, temb)`
+  (AdaLayerNormZero, or AdaLayerNormContinuous in the last block), `add_k_proj`/`add_v_proj`, `norm_added_k`
+  when the model has qk-norm (SD3.5).
+- No RoPE (absolute position embeddings on image patches only), so extra tokens need no position.
+- Guidance: `StableDiffusion3Pipeline` batches `[uncond, cond]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import JointAttnProcessor2_0
+from torch import nn
+
+from ..attention import ExtraKV, attend_with_extras
+from .base import DiTFamily, Site, arg, register_family, rows_of
+
+
+class SD3InjectionProcessor(JointAttnProcessor2_0):
+    """`JointAttnProcessor2_0` that also attends to the extra K/V its block hook left in `pending`.
+    With nothing pending it calls the original processor, so inactive steps are bit-identical."""
+
+    def __init__(self, base: Any):
+        super().__init__()
+        self.base = base
+        self.pending: ExtraKV | None = None
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.FloatTensor,
+        encoder_hidden_states: torch.FloatTensor = None,
+        attention_mask: torch.FloatTensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.FloatTensor:
+        extra, self.pending = self.pending, None
+        if extra is None or encoder_hidden_states is None:
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+        residual_len = hidden_states.shape[1]
+        B = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(B, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
+        key = key.view(B, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(B, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        eq = attn.add_q_proj(encoder_hidden_states).view(B, -1, attn.heads, head_dim).transpose(1, 2)
+        ek = attn.add_k_proj(encoder_hidden_states).view(B, -1, attn.heads, head_dim).transpose(1, 2)
+        ev = attn.add_v_proj(encoder_hidden_states).view(B, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_added_q is not None:
+            eq = attn.norm_added_q(eq)
+        if attn.norm_added_k is not None:
+            ek = attn.norm_added_k(ek)
+        query = torch.cat([query, eq], dim=2)  # [img, txt]
+        key = torch.cat([key, ek], dim=2)
+        value = torch.cat([value, ev], dim=2)
+
+        def sdpa(q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+
+        hidden_states = attend_with_extras(query, key, value, None, extra, sdpa, seq_dim=2)
+        hidden_states = hidden_states.transpose(1, 2).reshape(B, -1, attn.heads * head_dim).to(query.dtype)
+
+        hidden_states, encoder_hidden_states = hidden_states[:, :residual_len], hidden_states[:, residual_len:]
+        if not attn.context_pre_only:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+class SD3Family(DiTFamily):
+    name = "sd3"
+    transformer_classes = ("SD3Transformer2DModel",)
+    batched_guidance = "uncond_first"  # StableDiffusion3Pipeline: cat([negative, positive])
+    presets = {"all": r"transformer_blocks\.\d+", "joint": r"transformer_blocks\.\d+"}
+
+    def sites(self, transformer):
+        return [Site(f"transformer_blocks.{i}", i, "joint", "attn") for i in range(len(transformer.transformer_blocks))]
+
+    def caption_width(self, transformer):
+        return int(transformer.config.joint_attention_dim)
+
+    def hidden_width(self, transformer):
+        return int(transformer.inner_dim)
+
+    def batch_size(self, args, kwargs):
+        return int(arg(args, kwargs, "hidden_states", 0).shape[0])
+
+    def read_progress(self, args, kwargs):
+        t = arg(args, kwargs, "timestep", 3)
+        return 1.0 - torch.as_tensor(t).reshape(-1).float() / 1000.0
+
+    def embed(self, transformer, tokens, mask, site, cache):
+        return transformer.context_embedder(tokens)  # [B, N, D]
+
+    def text_kv(self, transformer, site, hidden, block_args, block_kwargs, rows, cache):
+        block = site.block(transformer)
+        attn = block.attn
+        temb = rows_of(arg(block_args, block_kwargs, "temb", 2), rows)  # [R, D]
+        if block.context_pre_only:
+            x = block.norm1_context(hidden, temb)  # AdaLayerNormContinuous
+        else:
+            x = block.norm1_context(hidden, emb=temb)[0]  # AdaLayerNormZero
+        R, N = x.shape[:2]
+        k = attn.add_k_proj(x).view(R, N, attn.heads, -1)  # [R, N, H, Dh]
+        v = attn.add_v_proj(x).view(R, N, attn.heads, -1)
+        if attn.norm_added_k is not None:
+            k = attn.norm_added_k(k)  # RMSNorm over Dh, layout-independent
+        return k, v
+
+    def make_processor(self, site, base):
+        return SD3InjectionProcessor(base)
+
+
+register_family(SD3Family())

@@ -1,0 +1,175 @@
+"""Z-Image (`ZImageTransformer2DModel`): single-stream DiT, caption and image tokens in one sequence.
+
+Facts used here (diffusers 0.42):
+- Sites: `layers.{i}` (main, the default), `noise_refiner.{i}` and `context_refiner.{i}` (targetable).
+- Timestep: the pipeline passes `t = (1000 - T) / 1000 = 1 - sigma` (1 = clean), so progress is `t` itself; the
+  model predicts `x0 - noise` and the pipeline negates it.
+- Caption path: `cap_embedder` (RMSNorm + Linear) then the `context_refiner` blocks (unmodulated), once per call;
+  in a main block: `attention_norm1(x) * (1 + scale_msa(adaln_input))`, `to_k`/`to_v`, `norm_k`, complex RoPE.
+- Position policy for extra tokens: token `j` takes position `(1 + j, 0, 0)`, the position a caption token `j`
+  takes (capped at `axes_lens[0] - 1`). Extra tokens run through the context refiner as their own sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+from torch import nn
+
+from ..attention import ExtraKV, attend_with_extras
+from ..errors import TargetError
+from .base import DiTFamily, Site, arg, register_family, rows_of
+
+
+def _rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Z-Image's complex RoPE. `x` `[B, L, H, Dh]`, `freqs_cis` `[B or 1, L, Dh/2]` complex."""
+    with torch.amp.autocast("cuda", enabled=False):
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        out = torch.view_as_real(xc * freqs_cis.unsqueeze(2)).flatten(3)
+        return out.type_as(x)
+
+
+class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
+    """`ZSingleStreamAttnProcessor` that also attends to the extra K/V its block hook left in `pending`.
+    With nothing pending it calls the original processor, so inactive steps are bit-identical."""
+
+    def __init__(self, base: Any):
+        super().__init__()
+        self.base = base
+        self.pending: ExtraKV | None = None
+        self._attention_backend = getattr(base, "_attention_backend", None)
+        self._parallel_config = getattr(base, "_parallel_config", None)
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        freqs_cis: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        extra, self.pending = self.pending, None
+        if extra is None:
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # [B, L, H, Dh]
+        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if freqs_cis is not None:
+            query = _rope(query, freqs_cis)
+            key = _rope(key, freqs_cis)
+        dtype = query.dtype
+        if attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = attention_mask[:, None, None, :]
+
+        def sdpa(q, k, v, mask):
+            return dispatch_attention_fn(
+                q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
+
+        out = attend_with_extras(query, key, value, attention_mask, extra, sdpa, seq_dim=1)
+        out = out.flatten(2, 3).to(dtype)
+        out = attn.to_out[0](out)
+        if len(attn.to_out) > 1:
+            out = attn.to_out[1](out)
+        return out
+
+
+class ZImageFamily(DiTFamily):
+    name = "z_image"
+    transformer_classes = ("ZImageTransformer2DModel",)
+    batched_guidance = "cond_first"  # ZImagePipeline: prompt_embeds + negative_prompt_embeds
+    presets = {
+        "all": r"layers\.\d+",
+        "main": r"layers\.\d+",
+        "refiners": r"(noise|context)_refiner\.\d+",
+        "context_refiner": r"context_refiner\.\d+",
+        "noise_refiner": r"noise_refiner\.\d+",
+    }
+
+    def sites(self, transformer):
+        out, i = [], 0
+        for group, kind in (("layers", "main"), ("noise_refiner", "noise_refiner"), ("context_refiner", "context_refiner")):
+            for j in range(len(getattr(transformer, group))):
+                out.append(Site(f"{group}.{j}", i, kind, "attention"))
+                i += 1
+        return out
+
+    def caption_width(self, transformer):
+        return int(transformer.config.cap_feat_dim)
+
+    def hidden_width(self, transformer):
+        return int(transformer.config.dim)
+
+    # ------------------------------------------------------------------ calls
+    def batch_size(self, args, kwargs):
+        return len(arg(args, kwargs, "x", 0))
+
+    def read_progress(self, args, kwargs):
+        t = arg(args, kwargs, "t", 1)
+        return torch.as_tensor(t).reshape(-1).float()
+
+    def check_call(self, args, kwargs):
+        x = arg(args, kwargs, "x", 0)
+        if len(x) and isinstance(x[0], (list, tuple)):
+            raise TargetError(
+                "Z-Image omni mode (a list of images per batch item) is not supported by vlhooks injection; "
+                "call the model with one image tensor per batch item."
+            )
+
+    # ------------------------------------------------------------------ text path
+    def embed_key(self, site: Site) -> Hashable:
+        if site.kind == "context_refiner":
+            return ("context_refiner", int(site.name.split(".")[1]))
+        return ("context_refiner", None)  # through every refiner layer
+
+    def _extra_freqs(self, transformer, n: int, device, cache: dict) -> torch.Tensor:
+        key = ("z_image.freqs", n, str(device))
+        if key in cache:
+            return cache[key]
+        cap = int(transformer.config.axes_lens[0]) - 1
+        pos = torch.zeros(n, len(transformer.config.axes_dims), dtype=torch.long, device=device)
+        pos[:, 0] = torch.clamp(torch.arange(1, n + 1, device=device), max=cap)
+        cache[key] = transformer.rope_embedder(pos)  # [N, Dh/2] complex
+        return cache[key]
+
+    def embed(self, transformer, tokens, mask, site, cache):
+        h = transformer.cap_embedder(tokens)  # [B, N, D]
+        _, depth = self.embed_key(site)
+        layers = transformer.context_refiner if depth is None else transformer.context_refiner[:depth]
+        if len(layers):
+            freqs = self._extra_freqs(transformer, h.shape[1], h.device, cache)[None].expand(h.shape[0], -1, -1)
+            for layer in layers:
+                h = layer(h, mask, freqs)
+        return h
+
+    def text_kv(self, transformer, site, hidden, block_args, block_kwargs, rows, cache):
+        block = site.block(transformer)
+        attn = block.attention
+        x = block.attention_norm1(hidden)  # [R, N, D]
+        if block.modulation:
+            adaln = arg(block_args, block_kwargs, "adaln_input", 3)
+            mod = block.adaLN_modulation(rows_of(adaln, rows))  # [R, 4D]
+            scale_msa = 1.0 + mod.unsqueeze(1).chunk(4, dim=2)[0]  # [R, 1, D]
+            x = x * scale_msa
+        k = attn.to_k(x).unflatten(-1, (attn.heads, -1))  # [R, N, H, Dh]
+        v = attn.to_v(x).unflatten(-1, (attn.heads, -1))
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        freqs = self._extra_freqs(transformer, hidden.shape[1], hidden.device, cache)[None]  # [1, N, Dh/2]
+        k = _rope(k, freqs)
+        return k, v
+
+    def make_processor(self, site, base):
+        return ZImageInjectionProcessor(base)
+
+
+register_family(ZImageFamily())
