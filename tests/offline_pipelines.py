@@ -1,8 +1,9 @@
 """Real Z-Image, Flux and SD3 diffusers pipelines built offline from tiny random-weight parts.
 
-Transformers come from `tiny.build`; text encoders, VAEs and tokenizers are built here, with the
-tokenizers' vocabularies made in memory, so nothing is downloaded. Every pipeline takes 32x32 images:
-all VAEs have three blocks (scale factor 4), so latents are 8x8, the shapes `tiny.inputs` uses.
+Transformers come from `tiny.build` (which seeds torch), so `tests/` must be on sys.path, as under pytest; text
+encoders, VAEs and tokenizers are built here, the tokenizers' vocabularies in memory, so nothing is downloaded.
+Every pipeline takes 32x32 images: all VAEs have three blocks (scale factor 4), so latents are 8x8, the shapes
+`tiny.inputs` uses.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def _clip(tokenizer: CLIPTokenizer, hidden: int, projection: int | None) -> CLIPTextModel:
+def _clip(tokenizer: CLIPTokenizer, hidden: int,
+          projection: int | None) -> CLIPTextModel | CLIPTextModelWithProjection:
     """Tiny CLIP text tower; `projection` set gives `CLIPTextModelWithProjection` (pooled width = projection)."""
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                             num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
@@ -81,6 +83,7 @@ def _vae(latent_channels: int, scaling_factor: float, shift_factor: float) -> Au
 
 
 def _quiet(pipe):
+    """Turn off the pipeline's progress bar."""
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -132,13 +135,17 @@ PIPELINE_BUILDERS = {"z_image": build_zimage_pipeline, "flux": build_flux_pipeli
 
 
 def run(pipe, family: str, steps: int = 2, cfg: bool = False, seed: int = 0) -> torch.Tensor:
-    """Generate one 32x32 image of `PROMPT` (output_type="pt", shape (1, 3, 32, 32)); `cfg` turns on guidance."""
+    """One 32x32 image of `PROMPT`, shape (1, 3, 32, 32) in [0, 1]; `cfg` turns on classifier-free guidance.
+
+    `family` is a `PIPELINE_BUILDERS` key or "sd35". Guidance: Z-Image guidance_scale 2 (off: 0), Flux
+    true_cfg_scale 2 with `NEGATIVE` (off: 1), SD3 guidance_scale 3 (off: 1).
+    """
     kwargs = dict(num_inference_steps=steps, height=SIZE, width=SIZE, max_sequence_length=TEXT_LEN,
                   generator=torch.Generator().manual_seed(seed), output_type="pt")
     if family == "z_image":
         kwargs.update(guidance_scale=2.0 if cfg else 0.0)
     elif family == "flux":
-        kwargs.update(true_cfg_scale=2.0, negative_prompt=NEGATIVE) if cfg else kwargs.update(true_cfg_scale=1.0)
+        kwargs.update(true_cfg_scale=2.0 if cfg else 1.0, negative_prompt=NEGATIVE if cfg else None)
     else:
         kwargs.update(guidance_scale=3.0 if cfg else 1.0)
     return pipe(PROMPT, **kwargs).images
