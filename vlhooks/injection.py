@@ -258,6 +258,10 @@ class Injector:
             factors = [all_f[r] for r in rows]
         self.plan = _Plan(rows=None if rows == list(range(batch)) else rows, feature_rows=frows, factors=factors)
         self.injected_calls += 1
+        # Embed now, outside any block: a block may run under gradient checkpointing, whose recomputation must
+        # see exactly the work of the original forward.
+        for site in self.sites:
+            self.embedded(site)
 
     def prepare_block(self, site: Site, args: tuple, kwargs: dict) -> None:
         proc = self.processors[site.name]
