@@ -4,6 +4,7 @@ The public contract (see README): `VLFeatures`, `InjectionConfig`, `inject`, `ap
 `InjectionHandle`), `remove_injection`, `list_sites`. Importing the core needs neither Lightning nor wandb.
 """
 
+from .blend import BLEND_MODES, blend, resample_tokens
 from .config import InjectionConfig
 from .errors import ConfigError, FeatureError, TargetError, VLHooksError
 from .features import VLFeatures
@@ -32,6 +33,9 @@ __all__ = [
     "list_sites",
     "list_presets",
     "ZeroShotProjector",
+    "blend",
+    "BLEND_MODES",
+    "resample_tokens",
     "DiTFamily",
     "Site",
     "family_for",

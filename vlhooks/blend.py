@@ -67,7 +67,7 @@ _LENGTH_FREE = frozenset({"interpolate", "adain_per_dim", "gram"})
 # gram ignores alpha (its trade-off is `lam`).
 _ALPHA_NOT_MIXING = frozenset({"style_delta", "gram"})
 
-_SLERP_EPS = 1e-4  # sin(angle) below this: near-parallel -> linear, near-antiparallel -> fixed orthogonal plane
+_SLERP_EPS = 1e-6  # sin(angle) below this (float64): near-parallel -> lerp, near-antiparallel -> a fixed plane
 
 
 def resample_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -83,6 +83,8 @@ def resample_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
         x = x.unsqueeze(0)  # [1, L, D]
     if x.ndim != 3 or x.shape[1] == 0:
         raise FeatureError(f"resample_tokens expects [B, L, D] with L >= 1, got shape {tuple(x.shape)}.")
+    if not x.is_floating_point():
+        raise FeatureError(f"resample_tokens needs a floating-point tensor, got {x.dtype}; use `x.float()`.")
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ConfigError(f"resample_tokens needs an integer length >= 1, got {length!r}.")
     n = x.shape[1]
@@ -120,9 +122,9 @@ def blend(
         linear: `(1 - a) * t + a * v`.
         slerp: per token, the direction moves along the great circle,
             `u = sin((1 - a) w) / sin(w) * t^ + sin(a w) / sin(w) * v^` with `w` the angle between `t` and `v`,
-            and the norm linearly, `|out| = (1 - a) |t| + a |v|`. Near-parallel tokens (or a zero token) fall back
-            to `linear`; antiparallel tokens rotate through a fixed plane spanned by `t^` and the basis vector
-            least aligned with it.
+            and the norm linearly, `|out| = (1 - a) |t| + a |v|`. Near-parallel tokens (sin w < 1e-6) fall back to
+            a linear blend of the unit directions, renormalised (a zero token: plain `linear`); antiparallel tokens
+            rotate through a fixed plane spanned by `t^` and the basis vector least aligned with it.
         interpolate: `v` resampled to `Lt` tokens (`resample_tokens`, whatever `length` says), then `linear`.
         style_only: `linear` on the dimensions chosen by `dims=(start, stop)` or a bool `dim_mask` `[D]`;
             every other dimension is `t` bit for bit.
@@ -283,6 +285,13 @@ def _common_batch(*named: tuple[str, int]) -> int:
     return sizes.pop() if sizes else 1
 
 
+def _check_batch(name: str, b: int, batch: int) -> None:
+    if b not in (1, batch):
+        raise FeatureError(
+            f"{name} has batch {b} but the embeddings have batch {batch}; pass {batch} rows or 1 to broadcast."
+        )
+
+
 def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
@@ -334,33 +343,42 @@ def _lerp(t: torch.Tensor, v: torch.Tensor, a: float | torch.Tensor) -> torch.Te
 
 
 def _slerp(t: torch.Tensor, v: torch.Tensor, a: float) -> torch.Tensor:
-    """Per-token slerp of directions with linear interpolation of norms. `t`, `v` `[B, L, D]`."""
-    nt = t.norm(dim=-1, keepdim=True)  # [B, L, 1]
-    nv = v.norm(dim=-1, keepdim=True)  # [B, L, 1]
-    tiny = torch.finfo(t.dtype).tiny
-    ut = t / nt.clamp_min(tiny)  # [B, L, D]
-    uv = v / nv.clamp_min(tiny)  # [B, L, D]
-    # stable angle for both near-0 and near-pi: w = 2 atan2(|ut - uv|, |ut + uv|)
+    """Per-token slerp of directions with linear interpolation of norms. `t`, `v` `[B, L, D]`.
+
+    Computed in float64. Near-parallel tokens (sin w < 1e-6) lerp the unit directions and renormalise (error
+    O(w^3) against slerp, no division by sin w); near-antiparallel ones rotate through a fixed plane; a zero token,
+    or antiparallel tokens when D == 1, give `linear`.
+    """
+    td, vd = t.double(), v.double()
+    nt = td.norm(dim=-1, keepdim=True)  # [B, L, 1]
+    nv = vd.norm(dim=-1, keepdim=True)  # [B, L, 1]
+    tiny = torch.finfo(torch.float64).tiny
+    ut = td / nt.clamp_min(tiny)  # [B, L, D]
+    uv = vd / nv.clamp_min(tiny)  # [B, L, D]
+    # angle, stable near 0 and near pi: w = 2 atan2(|ut - uv|, |ut + uv|)
     w = 2 * torch.atan2((ut - uv).norm(dim=-1, keepdim=True), (ut + uv).norm(dim=-1, keepdim=True))  # [B, L, 1]
-    # unit vector orthogonal to ut in the plane of (ut, uv)
+    # unit vector orthogonal to ut in the plane of (ut, uv); its raw norm is sin w
     perp = uv - (uv * ut).sum(-1, keepdim=True) * ut  # [B, L, D]
     perp_n = perp.norm(dim=-1, keepdim=True)  # [B, L, 1]
-    # antiparallel: a fixed orthogonal direction, from the basis vector least aligned with ut
+    flat = perp_n < _SLERP_EPS  # [B, L, 1] plane undefined or ill-conditioned
+    antiparallel = flat & (w > math.pi / 2)  # [B, L, 1]
+    # antiparallel: a fixed plane, from the basis vector least aligned with ut
     k = ut.abs().argmin(dim=-1, keepdim=True)  # [B, L, 1]
     e = torch.zeros_like(ut).scatter_(-1, k, 1.0)  # [B, L, D]
     alt = e - (e * ut).sum(-1, keepdim=True) * ut  # [B, L, D]
-    alt = alt / alt.norm(dim=-1, keepdim=True).clamp_min(tiny)
-    antiparallel = (perp_n < _SLERP_EPS) & (w > math.pi / 2)  # [B, L, 1]
+    alt = alt / alt.norm(dim=-1, keepdim=True).clamp_min(tiny)  # [B, L, D]
     p = torch.where(antiparallel, alt, perp / perp_n.clamp_min(tiny))  # [B, L, D]
     direction = torch.cos(a * w) * ut + torch.sin(a * w) * p  # [B, L, D]
+    # near-parallel: normalised lerp of the directions
+    nlerp = (1 - a) * ut + a * uv  # [B, L, D]
+    nlerp = nlerp / nlerp.norm(dim=-1, keepdim=True).clamp_min(tiny)
+    direction = torch.where(flat & ~antiparallel, nlerp, direction)  # [B, L, D]
     out = ((1 - a) * nt + a * nv) * direction  # [B, L, D]
-    # near-parallel, a zero token, or D == 1 antiparallel: linear (its norm is the linear norm when parallel)
-    degenerate = (nt <= tiny) | (nv <= tiny) | ((perp_n < _SLERP_EPS) & ~antiparallel)
+    linear = (nt <= tiny) | (nv <= tiny)  # [B, L, 1]
     if t.shape[-1] == 1:
-        degenerate = torch.ones_like(degenerate)
-    out = torch.where(degenerate, _lerp(t, v, a), out)
-    # endpoints exactly
-    if a == 0.0:
+        linear = linear | antiparallel  # no orthogonal direction in 1-D
+    out = torch.where(linear, _lerp(td, vd, a), out).to(t.dtype)  # [B, L, D]
+    if a == 0.0:  # endpoints exactly
         return t.clone()
     if a == 1.0:
         return v.clone()
@@ -388,10 +406,16 @@ def _dim_selection(dims: Any, dim_mask: Any, d: int, device: torch.device) -> to
         sel[dims[0] : dims[1]] = True
         return sel
     if not isinstance(dim_mask, torch.Tensor) or dim_mask.dtype != torch.bool or tuple(dim_mask.shape) != (d,):
-        desc = f"{dim_mask.dtype} {tuple(dim_mask.shape)}" if isinstance(dim_mask, torch.Tensor) else type(dim_mask).__name__
+        desc = (
+            f"{dim_mask.dtype} {tuple(dim_mask.shape)}"
+            if isinstance(dim_mask, torch.Tensor)
+            else type(dim_mask).__name__
+        )
         raise ConfigError(f"dim_mask must be a bool tensor of shape [{d}] (True = blend this dim), got {desc}.")
     if not bool(dim_mask.any()):
-        raise ConfigError("dim_mask selects no dimension; set at least one entry True (or use mode='linear' with alpha=0).")
+        raise ConfigError(
+            "dim_mask selects no dimension; set at least one entry True (or use mode='linear' with alpha=0)."
+        )
     return dim_mask.to(device)
 
 
@@ -419,13 +443,15 @@ def _attention_alpha(
             "each VL token receives in the VLM); without them use mode='linear'."
         )
     if not isinstance(weights, torch.Tensor) or weights.ndim not in (1, 2) or not weights.is_floating_point():
-        desc = f"{weights.dtype} {tuple(weights.shape)}" if isinstance(weights, torch.Tensor) else type(weights).__name__
+        desc = (
+            f"{weights.dtype} {tuple(weights.shape)}" if isinstance(weights, torch.Tensor) else type(weights).__name__
+        )
         raise ConfigError(f"weights must be a floating tensor [B, L] or [L], got {desc}.")
     w = weights.to(device=device, dtype=dtype)
     w = w.unsqueeze(0) if w.ndim == 1 else w  # [Bw, Lw]
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise ConfigError("weights must be finite and non-negative (attention mass per token); clean them first.")
-    _common_batch(("embeddings", batch), ("weights", w.shape[0]))
+    _check_batch("weights", w.shape[0], batch)
     lw = w.shape[1]
     if lw == out_len:
         pass  # already one weight per output token
@@ -460,7 +486,7 @@ def _style_delta(
         )
     if n.device != v.device:
         raise FeatureError(f"vl_neutral is on {n.device} but vl_embeds is on {v.device}; move it to the same device.")
-    _common_batch(("embeddings", batch), ("vl_neutral", n.shape[0]))
+    _check_batch("vl_neutral", n.shape[0], batch)
     delta = v - n.to(dtype)  # [B, Lv, D]
     out = ta + alpha * _fit(delta, out_len, length)  # [B, L, D]
     if not rescale:

@@ -1,0 +1,30 @@
+"""The README's main job and the CLI, end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_writes_grid_and_summary(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "vlhooks", "demo", "--out", str(out), "--steps", "3"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["removal_restores_bit_identical"] is True
+    changes = summary["mean_abs_change_vs_unpatched"]
+    assert changes["unpatched"] == 0.0 and changes["zero-shot joint"] > 0 and changes["zero-shot decoupled"] > 0
+    from PIL import Image
+
+    assert Image.open(out / "side_by_side.png").size[0] > 500
+
+
+def test_sites_lists_full_size_flux_blocks():
+    r = subprocess.run([sys.executable, "-m", "vlhooks", "sites", "flux"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [l for l in r.stdout.splitlines() if l.strip() and not l.startswith("preset")]
+    assert len(lines) == 57 and lines[0].split()[-1] == "transformer_blocks.0"
+    assert "preset 'double': 19 blocks" in r.stdout and "preset 'single': 38 blocks" in r.stdout

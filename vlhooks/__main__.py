@@ -1,0 +1,58 @@
+"""`vlhooks` command line: one dispatch table, one function per verb."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _demo(argv: list[str]) -> int:
+    from . import demo
+    from .demo import run
+
+    p = argparse.ArgumentParser(prog="vlhooks demo", description=demo.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    p.add_argument("--steps", type=int, default=8, help="denoising steps (default: 8)")
+    a = p.parse_args(argv)
+    summary = run(out_dir=a.out, steps=a.steps)
+    print(json.dumps(summary, indent=2))
+    print(f"\nSide-by-side grid: {summary['image']}")
+    return 0 if summary["removal_restores_bit_identical"] else 1
+
+
+def _sites(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vlhooks sites", description="List the injectable blocks of a tiny model of a family.")
+    p.add_argument("family", choices=["z_image", "flux", "sd3"])
+    a = p.parse_args(argv)
+    import torch
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, ZImageTransformer2DModel
+
+    import vlhooks as vh
+
+    cls = {"z_image": ZImageTransformer2DModel, "flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel}[a.family]
+    with torch.device("meta"):
+        model = cls()  # full-size defaults, no weights
+    for i, name in enumerate(vh.list_sites(model)):
+        print(f"{i:3d}  {name}")
+    for preset, names in vh.list_presets(model).items():
+        print(f"preset {preset!r}: {len(names)} blocks")
+    return 0
+
+
+COMMANDS = {"demo": _demo, "sites": _sites}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: vlhooks {" + ",".join(COMMANDS) + "} [options]\n")
+        print("  demo   patch a tiny offline pipeline; save unpatched vs zero-shot images side by side")
+        print("  sites  list the injectable blocks (full-size config, meta device) of a DiT family")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
