@@ -4,6 +4,7 @@ The public contract (see README): `VLFeatures`, `InjectionConfig`, `inject`, `ap
 `InjectionHandle`), `remove_injection`, `list_sites`. Importing the core needs neither Lightning nor wandb.
 """
 
+from .adapters import AdapterError, KVAdapter, LoRAAdapter, ProjectionAdapter, load_adapter
 from .blend import BLEND_MODES, blend, resample_tokens
 from .config import InjectionConfig
 from .errors import ConfigError, FeatureError, TargetError, VLHooksError
@@ -33,6 +34,11 @@ __all__ = [
     "list_sites",
     "list_presets",
     "ZeroShotProjector",
+    "load_adapter",
+    "ProjectionAdapter",
+    "KVAdapter",
+    "LoRAAdapter",
+    "AdapterError",
     "blend",
     "BLEND_MODES",
     "resample_tokens",

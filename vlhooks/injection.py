@@ -176,6 +176,7 @@ class Injector:
                 out = self.projector.embed(self.family, self.transformer, tokens, mask, site, self.cache)
             finally:
                 self._embedding = False
+            mask = self.projector.output_mask(mask)
         store[key] = (out, mask)
         return store[key]
 
@@ -398,7 +399,7 @@ class InjectionHandle:
 def _as_projector(adapter: Any) -> Any:
     if adapter is None:
         return ZeroShotProjector()
-    needed = ("feature_width", "embed_key", "embed", "kv")
+    needed = ("feature_width", "embed_key", "embed", "kv", "output_mask")
     missing = [m for m in needed if not callable(getattr(adapter, m, None))]
     if missing:
         raise ConfigError(
@@ -436,7 +437,9 @@ def apply_injection(
         >>> image = pipe(prompt).images[0]
         >>> handle.remove()
     """
-    config = config if config is not None else InjectionConfig()
+    if config is None:
+        stored = getattr(getattr(adapter, "config", None), "injection", None)
+        config = InjectionConfig.from_dict(stored) if stored else InjectionConfig()
     if not isinstance(config, InjectionConfig):
         raise ConfigError(f"config must be vh.InjectionConfig, got {type(config).__name__}.")
     config.validate()
@@ -456,6 +459,11 @@ def apply_injection(
                 "select those blocks too, or drop the keys."
             )
     projector = _as_projector(adapter)
+    if adapter is not None:
+        if hasattr(adapter, "check_target"):
+            adapter.check_target(family, transformer, sites)
+        if hasattr(adapter, "bind"):
+            adapter.bind(family, transformer)
     injector = Injector(transformer, pipeline, family, sites, config, projector)
     if features is not None:
         injector.set_features(features, negative_features)

@@ -31,6 +31,10 @@ class ZeroShotProjector:
         """Caption-space tokens `[B, N, C]` -> the caption stream entering `site`, `[B, N, D]` (timestep-free)."""
         return family.embed(transformer, tokens, mask, site, cache)
 
+    def output_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask of the embedded tokens (projectors that change the token count return None)."""
+        return mask
+
     def kv(
         self, family: DiTFamily, transformer: nn.Module, site: Site, hidden: torch.Tensor, block_args: tuple,
         block_kwargs: dict, rows: list[int] | None, cache: dict,

@@ -125,6 +125,28 @@ class DiTFamily:
         `cache` lives as long as the features (one generation or more) for timestep-independent tensors."""
         raise NotImplementedError
 
+    def text_input(
+        self,
+        transformer: nn.Module,
+        site: Site,
+        hidden: torch.Tensor,
+        block_args: tuple,
+        block_kwargs: dict,
+        rows: list[int] | None,
+    ) -> torch.Tensor:
+        """The block's pre-attention norm and modulation of text tokens at this step. `[R, N, D]` -> `[R, N, D]`."""
+        raise NotImplementedError
+
+    def kv_linears(self, transformer: nn.Module, site: Site) -> tuple[nn.Module, nn.Module]:
+        """The block's text-side K and V projections (the modules a `kv` adapter copies and LoRA wraps)."""
+        raise NotImplementedError
+
+    def finish_kv(
+        self, transformer: nn.Module, site: Site, k: torch.Tensor, v: torch.Tensor, cache: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected `k, v` `[R, N, H*Dh]` -> `[R, N, H, Dh]` with the block's qk-norm and the extra tokens' RoPE."""
+        raise NotImplementedError
+
     def text_kv(
         self,
         transformer: nn.Module,
@@ -137,7 +159,9 @@ class DiTFamily:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's own text path up to attention: pre-norm and modulation, text K/V projections, qk-norm,
         RoPE. `hidden` is `[R, N, D]` for batch `rows`; returns `k, v` as `[R, N, H, Dh]`."""
-        raise NotImplementedError
+        x = self.text_input(transformer, site, hidden, block_args, block_kwargs, rows)
+        k_proj, v_proj = self.kv_linears(transformer, site)
+        return self.finish_kv(transformer, site, k_proj(x), v_proj(x), cache)
 
     def make_processor(self, site: Site, base: Any) -> Any:
         """The processor that replaces `base` on the site's attention module while patched."""

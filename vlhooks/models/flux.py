@@ -121,19 +121,22 @@ class FluxFamily(DiTFamily):
     def embed(self, transformer, tokens, mask, site, cache):
         return transformer.context_embedder(tokens)  # [B, N, D]
 
-    def text_kv(self, transformer, site, hidden, block_args, block_kwargs, rows, cache):
+    def text_input(self, transformer, site, hidden, block_args, block_kwargs, rows):
         block = site.block(transformer)
-        attn = block.attn
         temb = rows_of(arg(block_args, block_kwargs, "temb", 2), rows)  # [R, D]
-        if site.kind == "double":
-            x = block.norm1_context(hidden, emb=temb)[0]  # [R, N, D]
-            k = attn.norm_added_k(attn.add_k_proj(x).unflatten(-1, (-1, attn.head_dim)))  # [R, N, H, Dh]
-            v = attn.add_v_proj(x).unflatten(-1, (-1, attn.head_dim))
-        else:
-            x = block.norm(hidden, emb=temb)[0]
-            k = attn.norm_k(attn.to_k(x).unflatten(-1, (-1, attn.head_dim)))
-            v = attn.to_v(x).unflatten(-1, (-1, attn.head_dim))
-        return k, v
+        norm = block.norm1_context if site.kind == "double" else block.norm
+        return norm(hidden, emb=temb)[0]  # [R, N, D]
+
+    def kv_linears(self, transformer, site):
+        attn = site.attention(transformer)
+        return (attn.add_k_proj, attn.add_v_proj) if site.kind == "double" else (attn.to_k, attn.to_v)
+
+    def finish_kv(self, transformer, site, k, v, cache):
+        attn = site.attention(transformer)
+        k = k.unflatten(-1, (-1, attn.head_dim))  # [R, N, H, Dh]
+        v = v.unflatten(-1, (-1, attn.head_dim))
+        k = attn.norm_added_k(k) if site.kind == "double" else attn.norm_k(k)
+        return k, v  # position 0: the identity rotation
 
     def make_processor(self, site, base):
         return FluxInjectionProcessor(base)

@@ -107,17 +107,21 @@ class SD3Family(DiTFamily):
     def embed(self, transformer, tokens, mask, site, cache):
         return transformer.context_embedder(tokens)  # [B, N, D]
 
-    def text_kv(self, transformer, site, hidden, block_args, block_kwargs, rows, cache):
+    def text_input(self, transformer, site, hidden, block_args, block_kwargs, rows):
         block = site.block(transformer)
-        attn = block.attn
         temb = rows_of(arg(block_args, block_kwargs, "temb", 2), rows)  # [R, D]
         if block.context_pre_only:
-            x = block.norm1_context(hidden, temb)  # AdaLayerNormContinuous
-        else:
-            x = block.norm1_context(hidden, emb=temb)[0]  # AdaLayerNormZero
-        R, N = x.shape[:2]
-        k = attn.add_k_proj(x).view(R, N, attn.heads, -1)  # [R, N, H, Dh]
-        v = attn.add_v_proj(x).view(R, N, attn.heads, -1)
+            return block.norm1_context(hidden, temb)  # AdaLayerNormContinuous, [R, N, D]
+        return block.norm1_context(hidden, emb=temb)[0]  # AdaLayerNormZero
+
+    def kv_linears(self, transformer, site):
+        attn = site.attention(transformer)
+        return attn.add_k_proj, attn.add_v_proj
+
+    def finish_kv(self, transformer, site, k, v, cache):
+        attn = site.attention(transformer)
+        k = k.unflatten(-1, (attn.heads, -1))  # [R, N, H, Dh]
+        v = v.unflatten(-1, (attn.heads, -1))
         if attn.norm_added_k is not None:
             k = attn.norm_added_k(k)  # RMSNorm over Dh, layout-independent
         return k, v

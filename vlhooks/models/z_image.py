@@ -151,22 +151,27 @@ class ZImageFamily(DiTFamily):
                 h = layer(h, mask, freqs)
         return h
 
-    def text_kv(self, transformer, site, hidden, block_args, block_kwargs, rows, cache):
+    def text_input(self, transformer, site, hidden, block_args, block_kwargs, rows):
         block = site.block(transformer)
-        attn = block.attention
         x = block.attention_norm1(hidden)  # [R, N, D]
         if block.modulation:
             adaln = arg(block_args, block_kwargs, "adaln_input", 3)
             mod = block.adaLN_modulation(rows_of(adaln, rows))  # [R, 4D]
-            scale_msa = 1.0 + mod.unsqueeze(1).chunk(4, dim=2)[0]  # [R, 1, D]
-            x = x * scale_msa
-        k = attn.to_k(x).unflatten(-1, (attn.heads, -1))  # [R, N, H, Dh]
-        v = attn.to_v(x).unflatten(-1, (attn.heads, -1))
+            x = x * (1.0 + mod.unsqueeze(1).chunk(4, dim=2)[0])  # scale_msa [R, 1, D]
+        return x
+
+    def kv_linears(self, transformer, site):
+        attn = site.attention(transformer)
+        return attn.to_k, attn.to_v
+
+    def finish_kv(self, transformer, site, k, v, cache):
+        attn = site.attention(transformer)
+        k = k.unflatten(-1, (attn.heads, -1))  # [R, N, H, Dh]
+        v = v.unflatten(-1, (attn.heads, -1))
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        freqs = self._extra_freqs(transformer, hidden.shape[1], hidden.device, cache)[None]  # [1, N, Dh/2]
-        k = _rope(k, freqs)
-        return k, v
+        freqs = self._extra_freqs(transformer, k.shape[1], k.device, cache)[None]  # [1, N, Dh/2]
+        return _rope(k, freqs), v
 
     def make_processor(self, site, base):
         return ZImageInjectionProcessor(base)

@@ -1,0 +1,104 @@
+"""`ProjectionAdapter`: features of any width -> the DiT's caption width; the block's own text path does the rest.
+
+Kinds:
+- `linear`: one Linear. Width equal to the caption width: initialised to the identity (exactly zero-shot).
+- `mlp`: `skip(x) + W2 gelu(W1 LN(x))` with `W2` zero-initialised; `skip` is the identity when widths are equal
+  (exactly zero-shot at step 0), else a Linear.
+- `resampler`: `num_tokens` learned queries cross-attending to the features (IP-Adapter-Plus style). It changes the
+  token count, so no zero-shot exists to reproduce; queries start at N(0, 0.02^2) like IP-Adapter-Plus.
+Where the feature width differs from the caption width, zero-shot does not exist either: the Linear layers start
+from PyTorch's default (Kaiming-uniform) initialisation with zero bias.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Adapter, AdapterConfig, register_adapter
+
+KINDS = ("linear", "mlp", "resampler")
+
+
+class _Resampler(nn.Module):
+    def __init__(self, in_dim: int, dim: int, num_tokens: int, depth: int, heads: int):
+        super().__init__()
+        self.proj_in = nn.Linear(in_dim, dim)
+        self.queries = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
+        self.layers = nn.ModuleList()
+        for _ in range(depth):
+            self.layers.append(nn.ModuleDict({
+                "norm_q": nn.LayerNorm(dim), "norm_kv": nn.LayerNorm(dim),
+                "attn": nn.MultiheadAttention(dim, heads, batch_first=True),
+                "norm_ff": nn.LayerNorm(dim),
+                "ff": nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)),
+            }))
+        self.norm_out = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        kv = self.proj_in(x)  # [B, N, C]
+        q = self.queries.expand(x.shape[0], -1, -1)  # [B, M, C]
+        pad = None if mask is None else ~mask
+        for layer in self.layers:
+            kvn = layer["norm_kv"](kv)
+            q = q + layer["attn"](layer["norm_q"](q), kvn, kvn, key_padding_mask=pad, need_weights=False)[0]
+            q = q + layer["ff"](layer["norm_ff"](q))
+        return self.norm_out(q)  # [B, M, C]
+
+
+@register_adapter("projection")
+class ProjectionAdapter(Adapter):
+    """Trainable map from feature space to caption space, in front of the zero-shot path."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__(config)
+        o = config.options
+        kind = o.get("kind", "linear")
+        if kind not in KINDS:
+            raise ValueError(f"projection kind must be one of {KINDS}, got {kind!r}.")
+        f, c = config.feature_width, config.caption_width
+        self.kind = kind
+        if kind == "linear":
+            self.proj = nn.Linear(f, c)
+            nn.init.zeros_(self.proj.bias)
+            if f == c:
+                with torch.no_grad():
+                    self.proj.weight.copy_(torch.eye(c))
+        elif kind == "mlp":
+            hidden = int(o.get("hidden", 2 * c))
+            self.skip = nn.Identity() if f == c else nn.Linear(f, c)
+            self.mlp = nn.Sequential(nn.LayerNorm(f), nn.Linear(f, hidden), nn.GELU(), nn.Linear(hidden, c))
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+        else:
+            self.resampler = _Resampler(f, c, int(o.get("num_tokens", 16)), int(o.get("depth", 2)), int(o.get("heads", 4)))
+
+    @classmethod
+    def create(cls, transformer: nn.Module, feature_width: int, kind: str = "linear", **options) -> "ProjectionAdapter":
+        from ..models import family_for
+
+        fam = family_for(transformer)
+        cfg = AdapterConfig("projection", type(transformer).__name__, int(feature_width), fam.caption_width(transformer),
+                            options={"kind": kind, **options})
+        return cls(cfg)
+
+    @classmethod
+    def from_config(cls, config: AdapterConfig) -> "ProjectionAdapter":
+        return cls(config)
+
+    def project(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "linear":
+            return self.proj(tokens)
+        if self.kind == "mlp":
+            return self.skip(tokens) + self.mlp(tokens)
+        return self.resampler(tokens, mask)
+
+    def output_mask(self, mask):
+        return None if self.kind == "resampler" else mask
+
+    def embed(self, family, transformer, tokens, mask, site, cache):
+        x = self.project(tokens.to(self._dtype()), mask).to(tokens.dtype)
+        return family.embed(transformer, x, self.output_mask(mask), site, cache)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
