@@ -41,7 +41,13 @@ def _sites(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "sites": _sites}
+def _train(argv: list[str]) -> int:
+    from vlhooks.train.cli import main
+
+    return main(argv)
+
+
+COMMANDS = {"demo": _demo, "sites": _sites, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: vlhooks {" + ",".join(COMMANDS) + "} [options]\n")
         print("  demo   patch a tiny offline pipeline; save unpatched vs zero-shot images side by side")
         print("  sites  list the injectable blocks (full-size config, meta device) of a DiT family")
+        print("  train  fit an adapter on a frozen DiT: vlhooks train --config configs/<family>/<adapter>.yaml")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])
 

@@ -97,6 +97,7 @@ class Injector:
         self.hooks = HookSet()
         self.features: VLFeatures | None = None
         self.negative: VLFeatures | None = None
+        self.active: list[bool] | None = None  # per feature row; False = that row injects nothing (image drop)
         self.cache: dict = {}  # timestep-independent tensors: valid until the features change
         self.plan: _Plan | None = None
         self.forward_cache: dict = {}  # embeddings for the current call when the cache must not persist
@@ -136,8 +137,14 @@ class Injector:
             feats = VLFeatures(feats.tokens.to(dtype), mask=feats.mask, space=feats.space, source=feats.source)
         return feats
 
-    def set_features(self, feats: VLFeatures, negative: VLFeatures | None = None) -> None:
+    def set_features(
+        self, feats: VLFeatures, negative: VLFeatures | None = None, active: list[bool] | None = None
+    ) -> None:
         feats = self.check_features(feats)
+        if active is not None:
+            active = [bool(a) for a in active]
+            if len(active) != feats.batch_size:
+                raise FeatureError(f"active has {len(active)} entries but features have {feats.batch_size} rows.")
         if negative is not None:
             negative = self.check_features(negative, "negative features")
             if negative.num_tokens != feats.num_tokens or negative.space != feats.space:
@@ -145,7 +152,7 @@ class Injector:
                     f"negative features have {negative.num_tokens} tokens ({negative.space} space) but features have "
                     f"{feats.num_tokens} ({feats.space}); pad both to one length and pass a mask."
                 )
-        self.features, self.negative = feats, negative
+        self.features, self.negative, self.active = feats, negative, active
         self.cache = {}  # nothing stale after set_features
 
     def _bank(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -231,8 +238,10 @@ class Injector:
         rows, frows, kc, ku = [], [], 0, 0
         for i, role in enumerate(roles):
             if role == "c":
-                rows.append(i)
-                frows.append(self._feature_row(kc, n_c, n_pos, "features"))
+                f = self._feature_row(kc, n_c, n_pos, "features")
+                if self.active is None or self.active[f]:
+                    rows.append(i)
+                    frows.append(f)
                 kc += 1
             else:
                 if n_neg:
@@ -353,9 +362,12 @@ class InjectionHandle:
     def active(self) -> bool:
         return self._injector is not None
 
-    def set_features(self, features: VLFeatures, negative: VLFeatures | None = None) -> None:
-        """Replace the injected features (and optional negative features for unconditional rows)."""
-        self.injector.set_features(features, negative)
+    def set_features(
+        self, features: VLFeatures, negative: VLFeatures | None = None, active: list[bool] | None = None
+    ) -> None:
+        """Replace the injected features (and optional negative features for unconditional rows). `active`
+        (one bool per feature row) switches rows off, e.g. for image dropout in training."""
+        self.injector.set_features(features, negative, active)
 
     def set_scale(self, scale: float | dict[int, float]) -> None:
         """Change the strength: a float, or `{block index: float}`."""

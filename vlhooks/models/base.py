@@ -163,6 +163,21 @@ class DiTFamily:
         k_proj, v_proj = self.kv_linears(transformer, site)
         return self.finish_kv(transformer, site, k_proj(x), v_proj(x), cache)
 
+    # ------------------------------------------------------------------ training objective
+    def velocity(
+        self,
+        transformer: nn.Module,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        caption: torch.Tensor,
+        caption_mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The model's flow-matching prediction of `noise - x0` for `latents = (1 - sigma) x0 + sigma noise`,
+        with the family's own timestep and sign conventions. `latents` `[B, C, H, W]`, `sigma` `[B]`,
+        `caption` `[B, L, C]` (`caption_mask` `[B, L]` bool, True = real), `pooled` `[B, P]`."""
+        raise NotImplementedError
+
     def make_processor(self, site: Site, base: Any) -> Any:
         """The processor that replaces `base` on the site's attention module while patched."""
         raise NotImplementedError

@@ -138,6 +138,24 @@ class FluxFamily(DiTFamily):
         k = attn.norm_added_k(k) if site.kind == "double" else attn.norm_k(k)
         return k, v  # position 0: the identity rotation
 
+    def velocity(self, transformer, latents, sigma, caption, caption_mask=None, pooled=None):
+        # Flux sees 2x2-packed latents and sigma in [0, 1]; it predicts noise - x0 directly
+        B, C, H, W = latents.shape
+        packed = latents.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, H * W // 4, C * 4)
+        ids = torch.zeros(H // 2, W // 2, 3, device=latents.device, dtype=latents.dtype)
+        ids[..., 1] += torch.arange(H // 2, device=latents.device, dtype=latents.dtype)[:, None]
+        ids[..., 2] += torch.arange(W // 2, device=latents.device, dtype=latents.dtype)[None, :]
+        txt_ids = torch.zeros(caption.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        if pooled is None:
+            pooled = latents.new_zeros(B, transformer.config.pooled_projection_dim)
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((B,), 3.5, device=latents.device, dtype=latents.dtype)
+        out = transformer(hidden_states=packed, encoder_hidden_states=caption, pooled_projections=pooled,
+                          timestep=sigma.to(latents.dtype), img_ids=ids.reshape(-1, 3), txt_ids=txt_ids,
+                          guidance=guidance, return_dict=False)[0]  # [B, HW/4, 4C]
+        return out.view(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+
     def make_processor(self, site, base):
         return FluxInjectionProcessor(base)
 

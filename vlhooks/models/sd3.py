@@ -126,6 +126,13 @@ class SD3Family(DiTFamily):
             k = attn.norm_added_k(k)  # RMSNorm over Dh, layout-independent
         return k, v
 
+    def velocity(self, transformer, latents, sigma, caption, caption_mask=None, pooled=None):
+        # SD3 takes the raw timestep 1000 * sigma and predicts noise - x0
+        if pooled is None:
+            pooled = latents.new_zeros(latents.shape[0], transformer.config.pooled_projection_dim)
+        return transformer(hidden_states=latents, encoder_hidden_states=caption, pooled_projections=pooled,
+                           timestep=sigma.to(latents.dtype) * 1000.0, return_dict=False)[0]
+
     def make_processor(self, site, base):
         return SD3InjectionProcessor(base)
 

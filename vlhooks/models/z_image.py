@@ -173,6 +173,14 @@ class ZImageFamily(DiTFamily):
         freqs = self._extra_freqs(transformer, k.shape[1], k.device, cache)[None]  # [1, N, Dh/2]
         return _rope(k, freqs), v
 
+    def velocity(self, transformer, latents, sigma, caption, caption_mask=None, pooled=None):
+        # t = 1 - sigma (1 = clean); the model predicts x0 - noise, so the velocity is its negation
+        lengths = [caption.shape[1]] * caption.shape[0] if caption_mask is None else caption_mask.sum(1).tolist()
+        caps = [caption[i, : int(n)] for i, n in enumerate(lengths)]
+        x = list(latents.unsqueeze(2).unbind(0))  # B x [C, 1, H, W]
+        out = transformer(x, 1.0 - sigma, caps, return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)  # [B, C, H, W]
+
     def make_processor(self, site, base):
         return ZImageInjectionProcessor(base)
 

@@ -1,0 +1,48 @@
+"""Callbacks of `vlhooks train`: adapter-only checkpoints, and loggers that never crash a run."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+
+
+class AdapterExport(L.Callback):
+    """Write `<root>/<run>/step-N/` every `every_n_steps` (0: never) and `<root>/<run>/final/` at the end, each an
+    adapter folder (`adapter_config.json` + `adapter_model.safetensors`) written atomically."""
+
+    def __init__(self, run_dir: str | os.PathLike, every_n_steps: int = 0):
+        self.run_dir = Path(run_dir)
+        self.every_n_steps = int(every_n_steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            pl_module.export_adapter(self.run_dir / f"step-{step}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            pl_module.export_adapter(self.run_dir / "final")
+
+
+def default_loggers(run_dir: str | os.PathLike) -> list:
+    """A CSV logger always; wandb too when it imports (offline unless the user has logged in)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    run_dir = Path(run_dir)
+    loggers = [CSVLogger(save_dir=str(run_dir), name="logs")]
+    try:
+        import wandb  # noqa: F401
+        from lightning.pytorch.loggers import WandbLogger
+    except ImportError:
+        warnings.warn("wandb is not importable: logging to CSV only (pip install wandb to add it).", stacklevel=2)
+        return loggers
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
+    mode = os.environ.get("WANDB_MODE") or ("online" if logged_in else "offline")
+    try:
+        loggers.append(WandbLogger(project="vlhooks", name=run_dir.name, save_dir=str(run_dir), mode=mode))
+    except Exception as e:  # a broken wandb install must not stop training
+        warnings.warn(f"wandb logger unavailable ({e}); logging to CSV only.", stacklevel=2)
+    return loggers

@@ -1,0 +1,120 @@
+"""Encoders the training data pipeline runs once (captions, reference images, latents), resolved by name.
+
+Built in, weight-free and deterministic (for tiny recipes and tests):
+- `patches`: reference image -> pixel patches mapped to `width` by a fixed orthonormal projection.
+- `hash-words`: caption -> one fixed random vector per word (seeded by the word), plus [begin] / [end] tokens.
+- `pixels`: the image itself as the "latent" (pixel-space DiTs, e.g. the toy world), in [-1, 1].
+Real encoders (`dinov2-small`, `minilm`, `vae:<folder>`) come from `vlhooks.encoders` and diffusers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_pil(img: Any) -> Image.Image:
+    if isinstance(img, Image.Image):
+        return img.convert("RGB")
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = np.stack([a] * 3, -1)
+    if a.dtype != np.uint8:
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    return Image.fromarray(a[..., :3]).convert("RGB")
+
+
+class PatchImageEncoder:
+    """Pixel patches of the image at `size` px, projected to `width` by a fixed random orthonormal matrix."""
+
+    def __init__(self, width: int, size: int = 32, patch: int = 8, seed: int = 0):
+        self.width, self.size, self.patch, self.seed = width, size, patch, seed
+        g = torch.Generator().manual_seed(seed)
+        d = 3 * patch * patch
+        q = torch.linalg.qr(torch.randn(max(d, width), min(d, width), generator=g))[0]  # orthonormal columns
+        self.proj = q if d >= width else q.T  # [3 p^2, width]
+
+    def describe(self) -> dict:
+        return {"encoder": "patches", "width": self.width, "size": self.size, "patch": self.patch, "seed": self.seed}
+
+    def __call__(self, images: list) -> tuple[torch.Tensor, None]:
+        out = []
+        for img in images:
+            a = np.asarray(to_pil(img).resize((self.size, self.size), Image.BICUBIC)).copy()
+            x = torch.from_numpy(a).float().permute(2, 0, 1) / 127.5 - 1.0  # [3, H, W]
+            p = x.unfold(1, self.patch, self.patch).unfold(2, self.patch, self.patch)  # [3, h, w, p, p]
+            p = p.permute(1, 2, 0, 3, 4).reshape(-1, 3 * self.patch * self.patch)  # [N, 3 p^2]
+            out.append(p @ self.proj * 4.0)
+        return torch.stack(out), None  # [B, N, width]
+
+
+class HashWordEncoder:
+    """Caption -> `[begin] + one vector per word + [end]`; each vector is fixed by the word (a seeded hash)."""
+
+    def __init__(self, width: int, seed: int = 0):
+        self.width, self.seed = width, seed
+
+    def describe(self) -> dict:
+        return {"encoder": "hash-words", "width": self.width, "seed": self.seed}
+
+    def _vec(self, word: str) -> torch.Tensor:
+        h = int.from_bytes(hashlib.sha256(f"{self.seed}:{word}".encode()).digest()[:8], "little")
+        return torch.randn(self.width, generator=torch.Generator().manual_seed(h))
+
+    def __call__(self, captions: list[str]) -> list[torch.Tensor]:
+        return [torch.stack([self._vec("[begin]")] + [self._vec(w) for w in c.lower().split()] + [self._vec("[end]")])
+                for c in captions]  # each [L_i, width]
+
+
+class PixelLatents:
+    """The image itself, resized to `size` and scaled to [-1, 1]; `channels` 1 (grey) or 3."""
+
+    def __init__(self, size: int = 16, channels: int = 1):
+        self.size, self.channels = size, channels
+
+    def describe(self) -> dict:
+        return {"latents": "pixels", "size": self.size, "channels": self.channels}
+
+    def __call__(self, images: list) -> torch.Tensor:
+        out = []
+        for img in images:
+            pil = to_pil(img).convert("L" if self.channels == 1 else "RGB").resize((self.size, self.size), Image.BOX)
+            a = torch.from_numpy(np.asarray(pil).copy()).float() / 127.5 - 1.0
+            out.append(a[None] if self.channels == 1 else a.permute(2, 0, 1))
+        return torch.stack(out)  # [B, C, H, W]
+
+
+def image_encoder(spec: dict) -> Any:
+    spec = dict(spec)
+    name = spec.pop("name")
+    if name == "patches":
+        return PatchImageEncoder(**spec)
+    try:
+        from vlhooks import encoders as real
+    except ImportError as e:
+        raise ValueError(f"image encoder {name!r} needs vlhooks.encoders ({e}); use name: patches for a tiny run.")
+    return real.training_image_encoder(name, **spec)
+
+
+def caption_encoder(spec: dict) -> Any:
+    spec = dict(spec)
+    name = spec.pop("name")
+    if name == "hash-words":
+        return HashWordEncoder(**spec)
+    try:
+        from vlhooks import encoders as real
+    except ImportError as e:
+        raise ValueError(f"caption encoder {name!r} needs vlhooks.encoders ({e}); use name: hash-words for a tiny run.")
+    return real.training_caption_encoder(name, **spec)
+
+
+def latent_encoder(spec: dict) -> Any:
+    spec = dict(spec)
+    name = spec.pop("name")
+    if name == "pixels":
+        return PixelLatents(**spec)
+    raise ValueError(f"unknown latent encoder {name!r}; use name: pixels (VAE latents are not wired in yet).")

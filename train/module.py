@@ -1,0 +1,232 @@
+"""`AdapterModule`: fits an adapter on a frozen DiT with the DiT's own flow-matching objective.
+
+The DiT (and any encoder) is frozen and stays in eval mode; only the adapter's parameters reach the optimizer.
+Injection goes through `vlhooks.apply_injection`, exactly as at inference: the module calls
+`handle.set_features` per batch and then the family's own forward (`DiTFamily.velocity`), so a trained adapter
+and zero-shot share one code path, and a fresh adapter gives zero-shot's loss at step 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+import vlhooks as vh
+from vlhooks.models import family_for
+
+ADAPTERS = {"projection": vh.ProjectionAdapter, "kv": vh.KVAdapter, "lora": vh.LoRAAdapter}
+
+
+def build_dit(spec: dict[str, Any]) -> torch.nn.Module:
+    """A diffusers transformer from `{"class_name": ..., "config": {...}}` (random init, or class defaults when
+    `config` is empty) and / or `{"pretrained": folder, "subfolder": "transformer"}`; `dtype` optional. On the meta
+    device only the architecture is built (no weights are read)."""
+    import diffusers
+
+    spec = dict(spec)
+    cls = getattr(diffusers, spec["class_name"])
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    on_meta = torch.empty(0).device.type == "meta"
+    if spec.get("pretrained") and not on_meta:
+        model = cls.from_pretrained(spec["pretrained"], subfolder=spec.get("subfolder"), torch_dtype=dtype)
+    elif spec.get("checkpoint") and not on_meta:
+        model = cls.from_pretrained(spec["checkpoint"], torch_dtype=dtype)
+    else:
+        torch.manual_seed(int(spec.get("seed", 0)))
+        model = cls(**spec.get("config", {})).to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def sample_sigma(n: int, g: torch.Generator, sampling: str, mean: float, std: float, shift: float) -> torch.Tensor:
+    """Noise levels in (0, 1): `uniform` or `logit_normal`, then the shift `s*sigma / (1 + (s-1)*sigma)`."""
+    if sampling == "uniform":
+        sigma = torch.rand(n, generator=g)
+    elif sampling == "logit_normal":
+        sigma = torch.sigmoid(mean + std * torch.randn(n, generator=g))
+    else:
+        raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', got {sampling!r}.")
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+class AdapterModule(L.LightningModule):
+    """Train one adapter on a frozen DiT.
+
+    Args:
+        dit: how to build the DiT (see `build_dit`).
+        adapter: `{"type": "projection" | "kv" | "lora", "feature_width": int, ...options}`; options go to the
+            adapter's `create` (projection: `kind`, `num_tokens`, ...; kv / lora: `blocks`; lora: `rank`, `alpha`).
+        injection: the `InjectionConfig` fields used in training and saved with the adapter.
+        lr, weight_decay, betas, warmup_steps: AdamW and a linear warm-up.
+        drop_image, drop_text, drop_both: per-row drop rates (image: no injection; text: the empty caption).
+        timestep_sampling, logit_mean, logit_std, shift: how sigma is drawn.
+        gradient_checkpointing: checkpoint the DiT's blocks (less memory, one more forward).
+        ema_decay: keep an EMA of the adapter (exported checkpoints then hold the EMA weights).
+        seed: every random draw of a step comes from `(seed, global_step)`, so resuming is exact.
+        run_name, checkpoint_root: adapter checkpoints go to `<checkpoint_root>/<run_name>/`.
+        save_every_n_steps: also write `step-N/` every N steps (0: only `final/`).
+    """
+
+    def __init__(
+        self,
+        dit: dict[str, Any],
+        adapter: dict[str, Any],
+        injection: dict[str, Any] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        drop_image: float = 0.05,
+        drop_text: float = 0.05,
+        drop_both: float = 0.05,
+        timestep_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        shift: float = 1.0,
+        gradient_checkpointing: bool = False,
+        ema_decay: float | None = None,
+        seed: int = 0,
+        run_name: str = "run",
+        checkpoint_root: str = "checkpoints",
+        save_every_n_steps: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if drop_image + drop_text + drop_both > 1.0:
+            raise ValueError("drop_image + drop_text + drop_both must be at most 1.")
+        self.dit = build_dit(dit)
+        self.family = family_for(self.dit)
+        if gradient_checkpointing:
+            self.dit.enable_gradient_checkpointing()
+        self.injection = vh.InjectionConfig.from_dict(injection or {})
+        spec = dict(adapter)
+        kind = spec.pop("type")
+        if kind not in ADAPTERS:
+            raise ValueError(f"adapter type must be one of {sorted(ADAPTERS)}, got {kind!r}.")
+        width = spec.pop("feature_width", None)
+        if kind == "projection":
+            obj = ADAPTERS[kind].create(self.dit, width or self.family.caption_width(self.dit), **spec)
+        elif kind == "kv":
+            obj = ADAPTERS[kind].create(self.dit, blocks=spec.pop("blocks", self.injection.blocks),
+                                        feature_width=width, **spec)
+        else:
+            if width not in (None, self.family.caption_width(self.dit)):
+                raise ValueError("a lora adapter takes caption-width features; put a projection in front instead.")
+            obj = ADAPTERS[kind].create(self.dit, blocks=spec.pop("blocks", self.injection.blocks), **spec)
+        obj.config.injection = self.injection.to_dict()
+        self.adapter = obj.float() if kind == "projection" else obj
+        self.ema: list[torch.Tensor] | None = None
+        self.handle: vh.InjectionHandle | None = None
+        self.strict_loading = False  # checkpoints hold the adapter only
+
+    # ------------------------------------------------------------------ lifecycle
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.dit.eval()  # frozen: no dropout, whatever Lightning does to the rest
+        return self
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and dm.dataset is not None and dm.feature_width != self.adapter.config.feature_width:
+            raise ValueError(f"the data's features have width {dm.feature_width} but the adapter expects "
+                             f"{self.adapter.config.feature_width}; set model.adapter.feature_width.")
+        if dm is not None and hasattr(dm, "image_encoder_spec"):
+            self.adapter.config.feature_source = dict(dm.image_encoder_spec)
+
+    def on_fit_start(self) -> None:
+        if self.handle is None:
+            self.handle = vh.apply_injection(self.dit, None, self.injection, adapter=self.adapter)
+        if self.hparams.ema_decay and self.ema is None:
+            self.ema = [p.detach().clone() for p in self.adapter.trainable_parameters()]
+
+    def on_fit_end(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    # ------------------------------------------------------------------ step
+    def _step_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + int(self.global_step))
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
+        h = self.hparams
+        x0 = batch["latents"]  # [B, C, H, W]
+        B, dev = x0.shape[0], x0.device
+        caption = batch["caption"].clone()  # [B, L, C]
+        cap_len = batch["caption_len"].clone()
+        u = torch.rand(B, generator=g)
+        drop_img = u < h.drop_image + 0.0
+        drop_txt = (u >= h.drop_image) & (u < h.drop_image + h.drop_text)
+        both = (u >= h.drop_image + h.drop_text) & (u < h.drop_image + h.drop_text + h.drop_both)
+        drop_img, drop_txt = drop_img | both, drop_txt | both
+        if drop_txt.any():
+            empty = self.trainer.datamodule.empty_caption.to(dev, caption.dtype)  # [L0, C]
+            caption[drop_txt.to(dev)] = 0.0
+            caption[drop_txt.to(dev), : empty.shape[0]] = empty
+            cap_len[drop_txt.to(dev)] = empty.shape[0]
+        mask = torch.arange(caption.shape[1], device=dev)[None] < cap_len[:, None]  # [B, L]
+        sigma = sample_sigma(B, g, h.timestep_sampling, h.logit_mean, h.logit_std, h.shift).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev, x0.dtype)
+        x_t = (1.0 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+        fmask = batch.get("feature_mask")
+        self.handle.set_features(vh.VLFeatures(batch["features"], mask=fmask), active=(~drop_img).tolist())
+        dtype = next(self.dit.parameters()).dtype
+        v = self.family.velocity(self.dit, x_t.to(dtype), sigma, caption.to(dtype), mask, batch.get("pooled"))
+        return F.mse_loss(v.float(), (noise - x0).float())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch, self._step_generator())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["latents"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            params = [p.detach() for p in self.adapter.trainable_parameters()]
+            get_ema_multi_avg_fn(self.hparams.ema_decay)(self.ema, params, torch.tensor(self.global_step))
+
+    def configure_optimizers(self):
+        params = self.adapter.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                weight_decay=self.hparams.weight_decay)
+        warm = max(0, int(self.hparams.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints: the adapter only
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {f"adapter.{k}": v for k, v in self.adapter.trainable_state_dict().items()}
+        if self.ema is not None:
+            checkpoint["adapter_ema"] = [t.clone() for t in self.ema]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "adapter_ema" in checkpoint:
+            self.ema = [t.clone() for t in checkpoint["adapter_ema"]]
+
+    def export_adapter(self, path) -> None:
+        """Write the adapter folder (EMA weights when enabled), atomically."""
+        if self.ema is None:
+            self.adapter.save(path)
+            return
+        params = self.adapter.trainable_parameters()
+        live = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, self.ema):
+                p.copy_(e)
+            try:
+                self.adapter.save(path)
+            finally:
+                for p, x in zip(params, live):
+                    p.copy_(x)
+
+
+def trainable_count(module: AdapterModule) -> int:
+    return sum(p.numel() for p in module.adapter.trainable_parameters())
+
+
+__all__ = ["AdapterModule", "build_dit", "sample_sigma", "trainable_count"]
