@@ -4,6 +4,7 @@ Built in, weight-free and deterministic (for tiny recipes and tests):
 - `patches`: reference image -> pixel patches mapped to `width` by a fixed orthonormal projection.
 - `hash-words`: caption -> one fixed random vector per word (seeded by the word), plus [begin] / [end] tokens.
 - `pixels`: the image itself as the "latent" (pixel-space DiTs, e.g. the toy world), in [-1, 1].
+- `vae`: a diffusers `AutoencoderKL` from a local folder (latent DiTs).
 Real encoders (`dinov2-small`, `minilm`, `vae:<folder>`) come from `vlhooks.encoders` and diffusers.
 """
 
@@ -88,6 +89,30 @@ class PixelLatents:
         return torch.stack(out)  # [B, C, H, W]
 
 
+class VAELatents:
+    """Scaled VAE latents `(z - shift) * scale` (the convention diffusers pipelines invert when decoding)."""
+
+    def __init__(self, path: str, subfolder: str | None = "vae", size: int = 512, device: str = "cpu",
+                 dtype: str = "float32"):
+        from diffusers import AutoencoderKL
+
+        self.path, self.subfolder, self.size = path, subfolder, size
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=getattr(torch, dtype))
+        self.vae = self.vae.to(device).eval().requires_grad_(False)
+
+    def describe(self) -> dict:
+        return {"latents": "vae", "path": self.path, "subfolder": self.subfolder, "size": self.size}
+
+    @torch.no_grad()
+    def __call__(self, images: list) -> torch.Tensor:
+        x = torch.stack([torch.from_numpy(np.asarray(to_pil(i).resize((self.size, self.size), Image.BICUBIC)).copy())
+                         for i in images]).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, H, W]
+        p = next(self.vae.parameters())
+        z = self.vae.encode(x.to(p.device, p.dtype)).latent_dist.mode()
+        cfg = self.vae.config
+        return ((z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).float().cpu()  # [B, C, h, w]
+
+
 def image_encoder(spec: dict) -> Any:
     spec = dict(spec)
     name = spec.pop("name")
@@ -117,4 +142,6 @@ def latent_encoder(spec: dict) -> Any:
     name = spec.pop("name")
     if name == "pixels":
         return PixelLatents(**spec)
-    raise ValueError(f"unknown latent encoder {name!r}; use name: pixels (VAE latents are not wired in yet).")
+    if name == "vae":
+        return VAELatents(**spec)
+    raise ValueError(f"unknown latent encoder {name!r}; use name: pixels or vae.")
