@@ -82,6 +82,14 @@ def load_source(source: str, path: str | None = None, limit: int | None = None) 
     raise ValueError(f"unknown source {source!r}; use skimage, mnist, folder or dataset.")
 
 
+def _as_sequences(out) -> list[torch.Tensor]:
+    """A caption encoder's output as one `[L_i, C]` tensor per caption (from a list, or `(tokens, mask)`)."""
+    if isinstance(out, tuple):
+        tokens, mask = out
+        return [t if mask is None else t[m] for t, m in zip(tokens, mask if mask is not None else [None] * len(tokens))]
+    return list(out)
+
+
 class EpochSeededSampler(Sampler[int]):
     """A fresh permutation per epoch from `seed + epoch` (Lightning calls `set_epoch`), so a resumed run sees
     the same order as an uninterrupted one."""
@@ -178,7 +186,8 @@ class PairsDataModule(L.LightningDataModule):
 
         def encode(batch):
             idx = batch["index"]
-            caps = cap_enc([template.format(caption=raw["caption"][i], label=raw["label"][i]) for i in idx])
+            caps = _as_sequences(cap_enc([template.format(caption=raw["caption"][i], label=raw["label"][i])
+                                          for i in idx]))
             too_long = [len(c) for c in caps if len(c) > L_max]
             if too_long:
                 raise ValueError(f"a caption has {max(too_long)} tokens > max_caption_tokens={L_max}; raise it.")
@@ -197,7 +206,7 @@ class PairsDataModule(L.LightningDataModule):
         ds = ds.map(encode, batched=True, batch_size=64, desc="encoding (once)", remove_columns=["index"])
         tmp = out.with_name(out.name + ".tmp")
         ds.save_to_disk(str(tmp))
-        empty = cap_enc([""])[0]
+        empty = _as_sequences(cap_enc([""]))[0]
         from safetensors.torch import save_file
 
         save_file({"empty_caption": empty.contiguous()}, str(tmp / "empty_caption.safetensors"))

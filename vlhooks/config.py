@@ -151,6 +151,11 @@ class InjectionConfig:
             f = torch.tensor([float(fn(float(x))) for x in u.tolist()], dtype=u.dtype, device=u.device)
         return torch.where(inside, f, torch.zeros_like(f))
 
+    def always_full(self) -> bool:
+        """True when the strength factor is 1 at every step (whole window, constant schedule): then nothing
+        needs gating, also under `torch.compile`."""
+        return tuple(self.window) == (0.0, 1.0) and self.schedule == "constant"
+
     def block_scale(self, index: int) -> float:
         if isinstance(self.scale, dict):
             return float(self.scale.get(index, 1.0))

@@ -225,7 +225,9 @@ class Injector:
     def begin_forward(self, args: tuple, kwargs: dict, context_name: str | None) -> None:
         self.plan = None
         self.forward_cache = {}
-        self.calls += 1
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # a Python counter changing under torch.compile would force a recompile per call
+            self.calls += 1
         if self.features is None:
             return
         fam = self.family
@@ -250,14 +252,15 @@ class Injector:
                 ku += 1
         if not rows:
             return
-        progress = fam.read_progress(args, kwargs)  # [B] or [1]
-        if torch.compiler.is_compiling():
+        if compiling and self.config.always_full():
+            factors: list[float] | torch.Tensor = [1.0] * len(rows)  # nothing to gate: no bias, fastest kernels
+        elif compiling:
             # no host sync under compile: strengths stay tensors; zero strength becomes a -inf bias
-            factor = self.config.factor_tensor(progress.to(torch.float32))
+            factor = self.config.factor_tensor(fam.read_progress(args, kwargs))  # [B] or [1]
             factor = factor.expand(batch) if factor.shape[0] == 1 else factor
-            factors: list[float] | torch.Tensor = factor[rows]
+            factors = factor[rows]
         else:
-            prog = progress.tolist()
+            prog = fam.read_progress_list(args, kwargs)
             prog = prog * batch if len(prog) == 1 else prog
             all_f = [self.config.factor(p) for p in prog]
             keep = [j for j, r in enumerate(rows) if all_f[r] > 0.0]
@@ -267,7 +270,8 @@ class Injector:
             frows = [frows[j] for j in keep]
             factors = [all_f[r] for r in rows]
         self.plan = _Plan(rows=None if rows == list(range(batch)) else rows, feature_rows=frows, factors=factors)
-        self.injected_calls += 1
+        if not compiling:
+            self.injected_calls += 1
         # Embed now, outside any block: a block may run under gradient checkpointing, whose recomputation must
         # see exactly the work of the original forward.
         for site in self.sites:

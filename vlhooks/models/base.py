@@ -106,9 +106,23 @@ class DiTFamily:
     def batch_size(self, args: tuple, kwargs: dict) -> int:
         raise NotImplementedError
 
-    def read_progress(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Denoising progress `1 - sigma` per batch row (`[B]` or `[1]`), from the denoiser's own arguments."""
+    timestep_arg: tuple[str, int] = ("timestep", 3)  # (keyword, position) of the denoiser's timestep
+
+    def to_progress(self, t):
+        """Denoising progress `1 - sigma` from the family's timestep value (a float or a tensor)."""
         raise NotImplementedError
+
+    def read_timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The denoiser's timestep argument as a `[B]` or `[1]` tensor."""
+        return torch.as_tensor(arg(args, kwargs, *self.timestep_arg)).reshape(-1)
+
+    def read_progress(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Denoising progress per batch row (`[B]` or `[1]`), as a float32 tensor."""
+        return self.to_progress(self.read_timestep(args, kwargs).float())
+
+    def read_progress_list(self, args: tuple, kwargs: dict) -> list[float]:
+        """The same as Python floats (one host sync, no tensor arithmetic)."""
+        return [self.to_progress(float(x)) for x in self.read_timestep(args, kwargs).tolist()]
 
     def check_call(self, args: tuple, kwargs: dict) -> None:
         """Raise for a call the injection cannot serve (e.g. an unsupported input mode)."""

@@ -100,9 +100,8 @@ class SD3Family(DiTFamily):
     def batch_size(self, args, kwargs):
         return int(arg(args, kwargs, "hidden_states", 0).shape[0])
 
-    def read_progress(self, args, kwargs):
-        t = arg(args, kwargs, "timestep", 3)
-        return 1.0 - torch.as_tensor(t).reshape(-1).float() / 1000.0
+    def to_progress(self, t):
+        return 1.0 - t / 1000.0  # 1000 * sigma
 
     def embed(self, transformer, tokens, mask, site, cache):
         return transformer.context_embedder(tokens)  # [B, N, D]

@@ -113,9 +113,10 @@ class ZImageFamily(DiTFamily):
     def batch_size(self, args, kwargs):
         return len(arg(args, kwargs, "x", 0))
 
-    def read_progress(self, args, kwargs):
-        t = arg(args, kwargs, "t", 1)
-        return torch.as_tensor(t).reshape(-1).float()
+    timestep_arg = ("t", 1)
+
+    def to_progress(self, t):
+        return t  # the pipeline passes 1 - sigma already
 
     def check_call(self, args, kwargs):
         x = arg(args, kwargs, "x", 0)
