@@ -136,6 +136,10 @@ def test_train_command_writes_a_loadable_adapter(tmp_path):
     assert (run / "lightning" / "last.ckpt").is_file()
     assert glob.glob(str(run / "wandb" / "offline-run-*")), "wandb runs offline when not logged in"
     assert list((run / "logs").rglob("metrics.csv"))
+    from PIL import Image
+
+    sample = Image.open(run / "samples" / "step-4.png")  # fixed-seed samples at the end of training
+    assert sample.size == (4 * 16 * 4, 2 * 16 * 4)
     adapter = vh.load_adapter(run / "final")
     dit = build_dit(TINY["model"]["dit"])
     kw = dict(x=[torch.randn(3, 1, 16, 16)], t=torch.tensor([0.5]), cap_feats=[torch.randn(5, 16)], return_dict=False)

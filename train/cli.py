@@ -4,7 +4,8 @@
     vlhooks train --config configs/z_image/projection.yaml --ckpt_path last      # resume
 
 The run's adapter folders go to `<checkpoint_root>/<run_name>/step-N/` and `final/`; the resumable Lightning
-state to `<checkpoint_root>/<run_name>/lightning/last.ckpt` (a safetensors file, no pickle); logs to
+state to `<checkpoint_root>/<run_name>/lightning/last.ckpt` (a safetensors file, no pickle); fixed-seed samples to
+`<checkpoint_root>/<run_name>/samples/step-N.png`; logs to
 `<checkpoint_root>/<run_name>/logs/` (CSV, and wandb offline unless logged in).
 """
 
@@ -20,6 +21,7 @@ from .callbacks import AdapterExport, default_loggers
 from .checkpoint_io import SafetensorsCheckpointIO
 from .data import PairsDataModule
 from .module import AdapterModule
+from .sampling import SampleImages
 
 
 class VLHooksCLI(LightningCLI):
@@ -40,6 +42,7 @@ class VLHooksCLI(LightningCLI):
             ModelCheckpoint(dirpath=str(run_dir / "lightning"), filename="step-{step}", save_last=True,
                             save_top_k=0, every_n_train_steps=every),
             AdapterExport(run_dir, every_n_steps=int(h.save_every_n_steps)),
+            SampleImages(run_dir, every_n_steps=int(h.sample_every_n_steps), count=int(h.sample_count)),
         ]
         return super().instantiate_trainer(**extra, **kwargs)
 

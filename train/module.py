@@ -68,6 +68,8 @@ class AdapterModule(L.LightningModule):
         seed: every random draw of a step comes from `(seed, global_step)`, so resuming is exact.
         run_name, checkpoint_root: adapter checkpoints go to `<checkpoint_root>/<run_name>/`.
         save_every_n_steps: also write `step-N/` every N steps (0: only `final/`).
+        sample_every_n_steps, sample_count: fixed-seed samples of the first training rows every N steps (0: only
+            at the end), saved under `<checkpoint_root>/<run_name>/samples/`.
     """
 
     def __init__(
@@ -92,6 +94,8 @@ class AdapterModule(L.LightningModule):
         run_name: str = "run",
         checkpoint_root: str = "checkpoints",
         save_every_n_steps: int = 0,
+        sample_every_n_steps: int = 0,
+        sample_count: int = 4,
     ):
         super().__init__()
         self.save_hyperparameters()
