@@ -47,6 +47,12 @@ def _train(argv: list[str]) -> int:
     return main(argv)
 
 
+def _pretrain(argv: list[str]) -> int:
+    from vlhooks.train.pretrain import main
+
+    return main(argv)
+
+
 def _extract(argv: list[str]) -> int:
     from .feature_cache import extract_main
 
@@ -59,7 +65,7 @@ def _stats(argv: list[str]) -> int:
     return stats_main(argv)
 
 
-COMMANDS = {"demo": _demo, "sites": _sites, "train": _train, "extract": _extract, "stats": _stats}
+COMMANDS = {"demo": _demo, "sites": _sites, "train": _train, "pretrain": _pretrain, "extract": _extract, "stats": _stats}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  demo   patch a tiny offline pipeline; save unpatched vs zero-shot images side by side")
         print("  sites  list the injectable blocks (full-size config, meta device) of a DiT family")
         print("  train  fit an adapter on a frozen DiT: vlhooks train --config configs/<family>/<adapter>.yaml")
+        print("  pretrain  train a small DiT from scratch (the toy world): --config configs/toy/pretrain.yaml")
         print("  extract  encode images (or captions) to cached VLFeatures safetensors")
         print("  stats  per-dimension reference statistics of a text encoder over a prompt file")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
