@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from vlhooks.adapters.base import _publish_modes
 from vlhooks.models import family_for
 
 from .callbacks import default_loggers
@@ -87,6 +88,7 @@ class PretrainModule(L.LightningModule):
         tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=out.parent))
         try:
             self.ema.module.save_pretrained(tmp, safe_serialization=True)
+            _publish_modes(tmp)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)

@@ -142,6 +142,7 @@ class Adapter(nn.Module):
             state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "adapter_type": self.adapter_type})
             (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True))
+            _publish_modes(tmp)
             old = None
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -177,6 +178,13 @@ class Adapter(nn.Module):
     @classmethod
     def from_config(cls, config: AdapterConfig) -> "Adapter":
         raise NotImplementedError
+
+
+def _publish_modes(folder: Path) -> None:
+    """`mkdtemp` makes a private (0700) folder; give the published folder ordinary permissions."""
+    os.chmod(folder, 0o755)
+    for f in folder.iterdir():
+        os.chmod(f, 0o644)
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
