@@ -81,18 +81,31 @@ def _fit(module, dm, steps, **trainer_kw):
     return rec.values
 
 
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    """4 real skimage photos (16x16 grey) with their real docstring captions as MiniLM tokens, and the real
+    DINOv2-S features of each photo as the reference."""
+    dm = PairsDataModule(source="skimage", limit=4, image_encoder={"name": "dinov2-small"},
+                         caption_encoder={"name": "minilm"}, latents={"name": "pixels", "size": 16, "channels": 1},
+                         batch_size=4, shuffle=False, cache_dir=str(tmp_path_factory.mktemp("toycache")))
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,lr,min_drop", [("lora", 2e-2, 0.5), ("projection", 5e-2, 0.02)])
-def test_overfit_fixed_batch_and_dit_untouched(data, kind, lr, min_drop):
-    """4 real skimage photos with their real captions; the DiT's parameters are bit-identical afterwards.
-    On a random-weight DiT, LoRA (which can rescale the injected values) halves the loss; a projection in front
-    of the frozen zero-shot path is bounded by the block norms and only lowers it (see the issue notes)."""
-    module = _FixedNoise(**dict(TINY["model"], dit=FLUX_TINY, adapter=ADAPTERS[kind] if kind == "lora" else
-                                {"type": "projection", "kind": "linear", "feature_width": 16}, lr=lr,
-                                drop_image=0.0, drop_text=0.0, drop_both=0.0))
+@pytest.mark.parametrize("kind,lr", [("projection", 3e-3), ("lora", 1e-2)])
+def test_overfit_fixed_batch_halves_the_loss_and_leaves_the_dit_untouched(toy_data, kind, lr):
+    """The shipped toy DiT (its conditioning means something; on a random-weight DiT the injected path barely
+    steers the output, and a projection only lowered the loss by 3-14 %). 200 steps on a fixed batch."""
+    adapter = ({"type": "projection", "kind": "linear", "feature_width": 384} if kind == "projection"
+               else {"type": "lora", "rank": 8, "alpha": 8.0})
+    module = _FixedNoise(dit={"class_name": "ZImageTransformer2DModel", "checkpoint": str(ROOT / "checkpoints/toy-dit/final")},
+                         adapter=adapter, injection={"blocks": "all"}, lr=lr, drop_image=0.0, drop_text=0.0,
+                         drop_both=0.0)
     before = {k: v.clone() for k, v in module.dit.state_dict().items()}
-    losses = _fit(module, data, 200)
-    assert losses[-1] <= (1.0 - min_drop) * losses[0], (losses[0], losses[-1])
+    losses = _fit(module, toy_data, 200)
+    assert losses[-1] <= 0.5 * losses[0], (losses[0], losses[-1])
     assert all(torch.equal(before[k], v) for k, v in module.dit.state_dict().items())
 
 
