@@ -219,3 +219,26 @@ def test_pretrain_command_trains_every_weight_and_saves_a_loadable_dit(tmp_path)
     fresh = build_dit(cfg)  # the same seeded initialisation the run started from
     changed = [n for n, p in fresh.named_parameters() if not torch.equal(p, trained.state_dict()[n])]
     assert len(changed) > 0.9 * len(list(fresh.parameters())), "every weight trains in pretraining"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "z_image"])
+def test_real_recipe_path_on_a_saved_pipeline_folder(tmp_path, family):
+    """The real recipes' route, on a tiny pipeline saved to disk: the DiT from the folder's `transformer`,
+    latents from its VAE, captions (and Flux's pooled CLIP embedding) from the pipeline's own `encode_prompt`."""
+    from offline_pipelines import build_flux_pipeline, build_zimage_pipeline
+
+    pipe = (build_flux_pipeline if family == "flux" else build_zimage_pipeline)()
+    pipe.save_pretrained(tmp_path / "pipe")
+    cls = type(pipe.transformer).__name__
+    dm = PairsDataModule(source="skimage", limit=4, image_encoder={"name": "patches", "width": 16},
+                         caption_encoder={"name": "pipeline", "path": str(tmp_path / "pipe"), "max_sequence_length": 64},
+                         latents={"name": "vae", "path": str(tmp_path / "pipe"), "size": 32},
+                         max_caption_tokens=64, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    module = AdapterModule(dit={"class_name": cls, "pretrained": str(tmp_path / "pipe"), "subfolder": "transformer"},
+                           adapter={"type": "projection", "kind": "mlp", "feature_width": 16}, drop_text=0.5)
+    losses = _fit(module, dm, 3)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    row = dm.dataset[0]
+    assert ("pooled" in row) == (family == "flux")
+    assert row["latents"].shape[0] == pipe.vae.config.latent_channels

@@ -83,7 +83,10 @@ def load_source(source: str, path: str | None = None, limit: int | None = None) 
 
 
 def _as_sequences(out) -> list[torch.Tensor]:
-    """A caption encoder's output as one `[L_i, C]` tensor per caption (from a list, or `(tokens, mask)`)."""
+    """A caption encoder's output as one `[L_i, C]` tensor per caption (from a list, `(tokens, mask)`, or a dict
+    with `sequences`)."""
+    if isinstance(out, dict):
+        return list(out["sequences"])
     if isinstance(out, tuple):
         tokens, mask = out
         return [t if mask is None else t[m] for t, m in zip(tokens, mask if mask is not None else [None] * len(tokens))]
@@ -148,6 +151,7 @@ class PairsDataModule(L.LightningDataModule):
         self.latents_spec = latents or {"name": "pixels", "size": 16, "channels": 1}
         self.dataset = None
         self.empty_caption: torch.Tensor | None = None
+        self.empty_pooled: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict[str, Any]:
@@ -186,8 +190,9 @@ class PairsDataModule(L.LightningDataModule):
 
         def encode(batch):
             idx = batch["index"]
-            caps = _as_sequences(cap_enc([template.format(caption=raw["caption"][i], label=raw["label"][i])
-                                          for i in idx]))
+            encoded = cap_enc([template.format(caption=raw["caption"][i], label=raw["label"][i]) for i in idx])
+            caps = _as_sequences(encoded)
+            pooled = encoded.get("pooled") if isinstance(encoded, dict) else None
             too_long = [len(c) for c in caps if len(c) > L_max]
             if too_long:
                 raise ValueError(f"a caption has {max(too_long)} tokens > max_caption_tokens={L_max}; raise it.")
@@ -200,16 +205,22 @@ class PairsDataModule(L.LightningDataModule):
                    "label": [int(raw["label"][i]) for i in idx], "reference_index": [ref_index[i] for i in idx]}
             if fmask is not None:
                 out["feature_mask"] = fmask.numpy()
+            if pooled is not None:
+                out["pooled"] = pooled.numpy()
             return out
 
         ds = datasets.Dataset.from_dict({"index": list(range(n))})
         ds = ds.map(encode, batched=True, batch_size=64, desc="encoding (once)", remove_columns=["index"])
         tmp = out.with_name(out.name + ".tmp")
         ds.save_to_disk(str(tmp))
-        empty = _as_sequences(cap_enc([""]))[0]
+        empty_out = cap_enc([""])
+        empty = _as_sequences(empty_out)[0]
         from safetensors.torch import save_file
 
-        save_file({"empty_caption": empty.contiguous()}, str(tmp / "empty_caption.safetensors"))
+        extra = {}
+        if isinstance(empty_out, dict) and empty_out.get("pooled") is not None:
+            extra["empty_pooled"] = empty_out["pooled"][0].contiguous()
+        save_file({"empty_caption": empty.contiguous(), **extra}, str(tmp / "empty_caption.safetensors"))
         (tmp / "settings.json").write_text(json.dumps(self.settings(), indent=2))
         os.replace(tmp, out)
 
@@ -224,7 +235,9 @@ class PairsDataModule(L.LightningDataModule):
         if saved != json.loads(json.dumps(self.settings())):
             raise ValueError(f"{path} was made with other settings; delete it to recompute.")
         self.dataset = datasets.load_from_disk(str(path)).with_format("torch")
-        self.empty_caption = load_file(str(path / "empty_caption.safetensors"))["empty_caption"]
+        empty = load_file(str(path / "empty_caption.safetensors"))
+        self.empty_caption = empty["empty_caption"]  # [L0, C]
+        self.empty_pooled = empty.get("empty_pooled")  # [P] or None
 
     @property
     def feature_width(self) -> int:

@@ -5,6 +5,7 @@ Built in, weight-free and deterministic (for tiny recipes and tests):
 - `hash-words`: caption -> one fixed random vector per word (seeded by the word), plus [begin] / [end] tokens.
 - `pixels`: the image itself as the "latent" (pixel-space DiTs, e.g. the toy world), in [-1, 1].
 - `vae`: a diffusers `AutoencoderKL` from a local folder (latent DiTs).
+- `pipeline` (captions): the diffusers pipeline's own `encode_prompt` from a local folder, pooled embeddings too.
 Real encoders (`dinov2-small`, `minilm`, `vae:<folder>`) come from `vlhooks.encoders` and diffusers.
 """
 
@@ -113,6 +114,39 @@ class VAELatents:
         return ((z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).float().cpu()  # [B, C, h, w]
 
 
+class PipelineCaptionEncoder:
+    """Captions through a diffusers pipeline's own `encode_prompt` (its text encoders, tokenizers, templates and
+    layers), loaded from a local folder without the transformer and VAE. Returns `{"sequences": [L_i, C] each,
+    "pooled": [B, P] or None}` (Flux and SD3 pass a pooled CLIP embedding too)."""
+
+    def __init__(self, path: str, max_sequence_length: int = 512, device: str = "cpu", dtype: str = "float32"):
+        from diffusers import DiffusionPipeline
+
+        self.path, self.max_len, self.device = path, max_sequence_length, device
+        self.pipe = DiffusionPipeline.from_pretrained(path, transformer=None, vae=None,
+                                                      torch_dtype=getattr(torch, dtype)).to(device)
+        self.kind = type(self.pipe).__name__
+
+    def describe(self) -> dict:
+        return {"encoder": "pipeline", "path": self.path, "pipeline": self.kind, "max_sequence_length": self.max_len}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> dict:
+        pipe, n = self.pipe, self.max_len
+        if self.kind.startswith("ZImage"):
+            embeds, _ = pipe.encode_prompt(captions, device=self.device, do_classifier_free_guidance=False,
+                                           max_sequence_length=n)
+            return {"sequences": [e.float().cpu() for e in embeds], "pooled": None}
+        if self.kind.startswith("Flux"):
+            embeds, pooled, _ = pipe.encode_prompt(captions, prompt_2=None, device=self.device, max_sequence_length=n)
+        elif self.kind.startswith("StableDiffusion3"):
+            embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=self.device,
+                                                      do_classifier_free_guidance=False, max_sequence_length=n)
+        else:
+            raise ValueError(f"{self.kind} is not a supported pipeline for caption encoding (Z-Image, Flux, SD3).")
+        return {"sequences": list(embeds.float().cpu()), "pooled": pooled.float().cpu()}
+
+
 def image_encoder(spec: dict) -> Any:
     spec = dict(spec)
     name = spec.pop("name")
@@ -130,6 +164,8 @@ def caption_encoder(spec: dict) -> Any:
     name = spec.pop("name")
     if name == "hash-words":
         return HashWordEncoder(**spec)
+    if name == "pipeline":
+        return PipelineCaptionEncoder(**spec)
     try:
         from vlhooks import encoders as real
     except ImportError as e:

@@ -174,6 +174,10 @@ class AdapterModule(L.LightningModule):
             caption[drop_txt.to(dev)] = 0.0
             caption[drop_txt.to(dev), : empty.shape[0]] = empty
             cap_len[drop_txt.to(dev)] = empty.shape[0]
+        pooled = batch.get("pooled")  # [B, P] (Flux, SD3) or None
+        if pooled is not None and drop_txt.any():
+            pooled = pooled.clone()
+            pooled[drop_txt.to(dev)] = self.trainer.datamodule.empty_pooled.to(dev, pooled.dtype)
         mask = torch.arange(caption.shape[1], device=dev)[None] < cap_len[:, None]  # [B, L]
         sigma = sample_sigma(B, g, h.timestep_sampling, h.logit_mean, h.logit_std, h.shift).to(dev)
         noise = torch.randn(x0.shape, generator=g).to(dev, x0.dtype)
@@ -181,7 +185,8 @@ class AdapterModule(L.LightningModule):
         fmask = batch.get("feature_mask")
         self.handle.set_features(vh.VLFeatures(batch["features"], mask=fmask), active=(~drop_img).tolist())
         dtype = next(self.dit.parameters()).dtype
-        v = self.family.velocity(self.dit, x_t.to(dtype), sigma, caption.to(dtype), mask, batch.get("pooled"))
+        v = self.family.velocity(self.dit, x_t.to(dtype), sigma, caption.to(dtype), mask,
+                                 None if pooled is None else pooled.to(dtype))
         return F.mse_loss(v.float(), (noise - x0).float())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
