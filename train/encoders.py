@@ -127,6 +127,14 @@ class PipelineCaptionEncoder:
                                                       torch_dtype=getattr(torch, dtype)).to(device)
         self.kind = type(self.pipe).__name__
 
+    @classmethod
+    def from_pipe(cls, pipe, max_sequence_length: int = 512, device: str = "cpu") -> "PipelineCaptionEncoder":
+        """Wrap an already loaded pipeline (nothing is read from disk)."""
+        self = cls.__new__(cls)
+        self.path, self.max_len, self.device = getattr(pipe, "name_or_path", None), max_sequence_length, device
+        self.pipe, self.kind = pipe, type(pipe).__name__
+        return self
+
     def describe(self) -> dict:
         return {"encoder": "pipeline", "path": self.path, "pipeline": self.kind, "max_sequence_length": self.max_len}
 

@@ -53,6 +53,12 @@ def _pretrain(argv: list[str]) -> int:
     return main(argv)
 
 
+def _compare(argv: list[str]) -> int:
+    from vlhooks.eval.compare import main
+
+    return main(argv)
+
+
 def _extract(argv: list[str]) -> int:
     from .feature_cache import extract_main
 
@@ -65,7 +71,7 @@ def _stats(argv: list[str]) -> int:
     return stats_main(argv)
 
 
-COMMANDS = {"demo": _demo, "sites": _sites, "train": _train, "pretrain": _pretrain, "extract": _extract, "stats": _stats}
+COMMANDS = {"demo": _demo, "compare": _compare, "sites": _sites, "train": _train, "pretrain": _pretrain, "extract": _extract, "stats": _stats}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: vlhooks {" + ",".join(COMMANDS) + "} [options]\n")
         print("  demo   patch a tiny offline pipeline; save unpatched vs zero-shot images side by side")
+        print("  compare  run arms (none, blend, zero-shot, trained adapters, random) on the same prompts x references x")
+        print("           seeds; grid, HTML report, metrics (default: the embedded toy world)")
         print("  sites  list the injectable blocks (full-size config, meta device) of a DiT family")
         print("  train  fit an adapter on a frozen DiT: vlhooks train --config configs/<family>/<adapter>.yaml")
         print("  pretrain  train a small DiT from scratch (the toy world): --config configs/toy/pretrain.yaml")
