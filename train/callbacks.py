@@ -11,7 +11,8 @@ import lightning as L
 
 class AdapterExport(L.Callback):
     """Write `<root>/<run>/step-N/` every `every_n_steps` (0: never) and `<root>/<run>/final/` at the end, each an
-    adapter folder (`adapter_config.json` + `adapter_model.safetensors`) written atomically."""
+    adapter folder (`adapter_config.json` + `adapter_model.safetensors`) written atomically. Every rank calls
+    `export_adapter` (under FSDP it gathers the adapter's shards first); only global rank 0 writes."""
 
     def __init__(self, run_dir: str | os.PathLike, every_n_steps: int = 0):
         self.run_dir = Path(run_dir)
@@ -19,12 +20,11 @@ class AdapterExport(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
+        if self.every_n_steps and step % self.every_n_steps == 0:
             pl_module.export_adapter(self.run_dir / f"step-{step}")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            pl_module.export_adapter(self.run_dir / "final")
+        pl_module.export_adapter(self.run_dir / "final")
 
 
 def default_loggers(run_dir: str | os.PathLike) -> list:

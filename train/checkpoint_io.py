@@ -3,7 +3,7 @@
 A Lightning checkpoint is a nested dict of tensors and plain values. This writes it as ONE safetensors file: the
 tensors as entries, the structure and every other value as JSON in the header's metadata. Written to a temporary
 file and renamed, so a crash never leaves a half-written checkpoint. Values that JSON cannot hold raise a clear
-error instead of being pickled.
+error instead of being pickled. Under `fsdp` the checkpoint holds full (gathered) tensors, written by rank 0.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from safetensors.torch import load_file, safe_open, save_file
 
 _META_KEY = "vlhooks.lightning"
@@ -94,3 +96,34 @@ class SafetensorsCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path) -> None:
         if os.path.exists(path):
             os.remove(path)
+
+
+class SafetensorsFSDPStrategy(FSDPStrategy):
+    """Lightning's `FSDPStrategy`, unchanged except that a full (single-file) checkpoint is read through the
+    strategy's `CheckpointIO`: Lightning's own FSDP reader opens the file with torch's pickle loader, which cannot
+    read `SafetensorsCheckpointIO`'s files. Model and optimizer states are then loaded exactly as Lightning does
+    (full state dicts, re-keyed and scattered by torch's FSDP). `vlhooks train` substitutes it for `fsdp`."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if self._state_dict_type != "full" or not path.is_file():
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import OptimStateKeyType
+
+        checkpoint = self.checkpoint_io.load_checkpoint(path)
+        _load_raw_module_state(checkpoint.pop("state_dict"), module=self.model, world_size=self.world_size,
+                               strict=self.lightning_module.strict_loading)
+        states = checkpoint.get("optimizer_states")
+        if states is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint
+        if len(self.optimizers) != len(states):
+            raise RuntimeError(f"{len(self.optimizers)} optimizers configured but the checkpoint has {len(states)}.")
+        with _get_full_state_dict_context(self.model, world_size=self.world_size, rank0_only=False):
+            for optimizer, state in zip(self.optimizers, states):
+                if state["state"] and isinstance(next(iter(state["state"])), int):
+                    state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
+                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, state))
+        return checkpoint

@@ -7,6 +7,13 @@ The run's adapter folders go to `<checkpoint_root>/<run_name>/step-N/` and `fina
 state to `<checkpoint_root>/<run_name>/lightning/last.ckpt` (a safetensors file, no pickle); fixed-seed samples to
 `<checkpoint_root>/<run_name>/samples/step-N.png`; logs to
 `<checkpoint_root>/<run_name>/logs/` (CSV, and wandb offline unless logged in).
+
+Several GPUs: `--trainer.strategy ddp --trainer.devices N` (Lightning starts the processes; each rank trains on
+its own shard of the data, through Lightning's distributed sampler, with its own noise). `--trainer.strategy fsdp`
+shards the frozen DiT: the run uses Lightning's FSDP strategy with a wrap policy for the recipe's DiT (see
+`fsdp_units`; the adapter stays in the root unit) and the safetensors checkpoint reader
+(`SafetensorsFSDPStrategy`); not yet verified (on 2 CPU processes it hangs in backward after a few steps).
+Only global rank 0 writes checkpoints, adapter folders, samples and logs.
 """
 
 from __future__ import annotations
@@ -14,14 +21,37 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import FSDPStrategy
 
 from .callbacks import AdapterExport, default_loggers
-from .checkpoint_io import SafetensorsCheckpointIO
+from .checkpoint_io import SafetensorsCheckpointIO, SafetensorsFSDPStrategy
 from .data import PairsDataModule
 from .module import AdapterModule
 from .sampling import SampleImages
+
+
+def fsdp_units(module: AdapterModule) -> list[torch.nn.Module]:
+    """The DiT's modules that `fsdp` makes FSDP units: the DiT itself, and in every block each child with
+    weights except its norms and modulation (so: the attention, the feed-forwards / MLP projections).
+
+    Every rank must gather the same units the same number of times per step (each gather is a collective), and
+    a unit's weights exist only while its own forward runs. The injection code runs a block's norms and
+    modulation on the injected tokens outside that block's forward, and only on steps where the rank injects
+    something (not when all its rows dropped the image), so those stay in the DiT's unit, gathered once per DiT
+    forward. The attention's unit holds its K/V linears, which the adapters (LoRA through them) call inside the
+    attention's forward. The adapter is in no unit of its own: it stays in the root unit (FSDP flattens a unit
+    into one tensor of one dtype, so a bf16 DiT and an fp32 adapter cannot share one; the all-frozen DiT units
+    get no gradient buffers)."""
+    dit = module.dit
+    units = [dit]
+    for site in module.family.sites(dit):
+        for name, child in site.block(dit).named_children():
+            if any(True for _ in child.parameters()) and not any(w in name.lower() for w in ("norm", "adaln", "mod")):
+                units.append(child)
+    return units
 
 
 class VLHooksCLI(LightningCLI):
@@ -36,6 +66,9 @@ class VLHooksCLI(LightningCLI):
         if not any(isinstance(p, SafetensorsCheckpointIO) for p in plugins):
             plugins.append(SafetensorsCheckpointIO())
         extra["plugins"] = plugins
+        strategy = cfg.get("strategy")
+        if isinstance(strategy, str) and strategy in ("fsdp", "fsdp_cpu_offload"):
+            extra["strategy"] = SafetensorsFSDPStrategy(cpu_offload=strategy == "fsdp_cpu_offload")
         extra.setdefault("default_root_dir", str(run_dir))
         every = int(h.save_every_n_steps) or None
         extra["callbacks"] = list(cfg.get("callbacks") or []) + [
@@ -44,7 +77,13 @@ class VLHooksCLI(LightningCLI):
             AdapterExport(run_dir, every_n_steps=int(h.save_every_n_steps)),
             SampleImages(run_dir, every_n_steps=int(h.sample_every_n_steps), count=int(h.sample_count)),
         ]
-        return super().instantiate_trainer(**extra, **kwargs)
+        trainer = super().instantiate_trainer(**extra, **kwargs)
+        if isinstance(trainer.strategy, FSDPStrategy) and "auto_wrap_policy" not in trainer.strategy.kwargs:
+            from torch.distributed.fsdp.wrap import CustomPolicy
+
+            units = {id(m) for m in fsdp_units(self.model)}
+            trainer.strategy.kwargs["auto_wrap_policy"] = CustomPolicy(lambda m: id(m) in units)
+        return trainer
 
 
 def main(argv: list[str] | None = None) -> int:

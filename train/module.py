@@ -8,6 +8,7 @@ and zero-shot share one code path, and a fresh adapter gives zero-shot's loss at
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -65,7 +66,8 @@ class AdapterModule(L.LightningModule):
         timestep_sampling, logit_mean, logit_std, shift: how sigma is drawn.
         gradient_checkpointing: checkpoint the DiT's blocks (less memory, one more forward).
         ema_decay: keep an EMA of the adapter (exported checkpoints then hold the EMA weights).
-        seed: every random draw of a step comes from `(seed, global_step)`, so resuming is exact.
+        seed: every random draw of a step comes from `(seed, global_step, global_rank)`, so resuming is exact
+            and, under `ddp` / `fsdp`, each rank draws its own noise (rank 0 draws what a one-process run draws).
         run_name, checkpoint_root: adapter checkpoints go to `<checkpoint_root>/<run_name>/`.
         save_every_n_steps: also write `step-N/` every N steps (0: only `final/`).
         sample_every_n_steps, sample_count: fixed-seed samples of the first training rows every N steps (0: only
@@ -133,6 +135,10 @@ class AdapterModule(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
+        # Inject before the strategy wraps the model: FSDP replaces `self.dit` and its blocks by wrappers (the
+        # hooks stay on the real modules, which the wrappers call).
+        if stage == "fit" and self.handle is None:
+            self.handle = vh.apply_injection(self.dit, None, self.injection, adapter=self.adapter)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and dm.dataset is not None and dm.feature_width != self.adapter.config.feature_width:
             raise ValueError(f"the data's features have width {dm.feature_width} but the adapter expects "
@@ -144,7 +150,8 @@ class AdapterModule(L.LightningModule):
         if self.handle is None:
             self.handle = vh.apply_injection(self.dit, None, self.injection, adapter=self.adapter)
         if self.hparams.ema_decay and self.ema is None:
-            self.ema = [p.detach().clone() for p in self.adapter.trainable_parameters()]
+            with self.full_adapter():
+                self.ema = [p.detach().clone() for p in self.adapter.trainable_parameters()]
 
     def on_fit_end(self) -> None:
         self.release()
@@ -154,9 +161,32 @@ class AdapterModule(L.LightningModule):
             self.handle.remove()
             self.handle = None
 
+    @contextmanager
+    def full_adapter(self, writeback: bool = False):
+        """Inside, the adapter's parameters are whole tensors on every rank.
+
+        Only FSDP needs this: between steps it keeps each rank's shard of the adapter (the parameters are then
+        flat slices). There it gathers the FSDP unit holding the adapter (the root one, with the wrap policy of
+        `vlhooks train`, which puts the DiT's layers in their own units), so it is a collective: every rank must
+        enter it. `writeback=True` keeps in-place changes made inside. Elsewhere it does nothing."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        model = getattr(strategy, "model", None)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if not isinstance(model, FSDP):
+            yield
+            return
+        recurse = any(isinstance(m, FSDP) for m in self.adapter.modules())  # a policy that wrapped the adapter
+        with FSDP.summon_full_params(model, recurse=recurse, writeback=writeback):
+            yield
+
     # ------------------------------------------------------------------ step
     def _step_generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + int(self.global_step))
+        # Global rank 0 (and every one-process run) keeps the `(seed, step)` stream, so single-process runs and
+        # their resumes are unchanged; rank r is offset by r * 2**24 (the CPU generator keeps 32 bits of its
+        # seed, so ranks stay apart for the first 16.7 M steps of a run).
+        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + int(self.global_step)
+                                             + int(self.global_rank) * (1 << 24))
 
     def compute_loss(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
         h = self.hparams
@@ -191,13 +221,21 @@ class AdapterModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self._step_generator())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # A rank on which nothing was injected this step (every image dropped, or every row outside the
+            # injection window) would leave the adapter out of its graph, while DDP's gradient reduction and
+            # FSDP's reduce-scatter are collectives every rank must join. A zero term keeps every adapter
+            # parameter in every rank's graph (the loss is unchanged; a parameter nothing used gets a zero
+            # gradient instead of none), so plain `ddp` needs no find_unused_parameters.
+            loss = loss + 0.0 * sum(p.sum() for p in self.adapter.trainable_parameters())
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["latents"].shape[0])
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
-            params = [p.detach() for p in self.adapter.trainable_parameters()]
-            get_ema_multi_avg_fn(self.hparams.ema_decay)(self.ema, params, torch.tensor(self.global_step))
+            with self.full_adapter():
+                params = [p.detach() for p in self.adapter.trainable_parameters()]
+                get_ema_multi_avg_fn(self.hparams.ema_decay)(self.ema, params, torch.tensor(self.global_step))
 
     def configure_optimizers(self):
         params = self.adapter.trainable_parameters()
@@ -209,7 +247,10 @@ class AdapterModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints: the adapter only
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {f"adapter.{k}": v for k, v in self.adapter.trainable_state_dict().items()}
+        # Lightning calls this on every rank (the strategy then writes rank 0's dict), so gathering is safe.
+        with self.full_adapter():
+            checkpoint["state_dict"] = {f"adapter.{k}": v.detach().clone()
+                                        for k, v in self.adapter.trainable_state_dict().items()}
         if self.ema is not None:
             checkpoint["adapter_ema"] = [t.clone() for t in self.ema]
 
@@ -218,20 +259,25 @@ class AdapterModule(L.LightningModule):
             self.ema = [t.clone() for t in checkpoint["adapter_ema"]]
 
     def export_adapter(self, path) -> None:
-        """Write the adapter folder (EMA weights when enabled), atomically."""
-        if self.ema is None:
-            self.adapter.save(path)
-            return
-        params = self.adapter.trainable_parameters()
-        live = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, e in zip(params, self.ema):
-                p.copy_(e)
-            try:
-                self.adapter.save(path)
-            finally:
-                for p, x in zip(params, live):
-                    p.copy_(x)
+        """Write the adapter folder (EMA weights when enabled), atomically, from global rank 0. Under FSDP every
+        rank must call it (the adapter is gathered first); the others write nothing."""
+        write = self._trainer is None or self.trainer.is_global_zero
+        with self.full_adapter(writeback=self.ema is not None):
+            if self.ema is None:
+                if write:
+                    self.adapter.save(path)
+                return
+            params = self.adapter.trainable_parameters()
+            live = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, e in zip(params, self.ema):
+                    p.copy_(e)
+                try:
+                    if write:
+                        self.adapter.save(path)
+                finally:
+                    for p, x in zip(params, live):
+                        p.copy_(x)
 
 
 def trainable_count(module: AdapterModule) -> int:

@@ -56,9 +56,12 @@ class SampleImages(L.Callback):
         pl_module.eval()
         try:
             pl_module.handle.set_features(vh.VLFeatures(feats))
-            out = euler_sample(pl_module.family, pl_module.dit, cap, mask, tuple(lat.shape), self.steps, self.seed)
+            with pl_module.full_adapter():  # FSDP: the adapter whole on every rank
+                out = euler_sample(pl_module.family, pl_module.dit, cap, mask, tuple(lat.shape), self.steps, self.seed)
         finally:
             pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         tiles = [np.concatenate([_to_uint8(lat[i]), _to_uint8(out[i])], 0) for i in range(len(rows))]
         img = Image.fromarray(np.concatenate(tiles, 1))
         img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
@@ -66,10 +69,11 @@ class SampleImages(L.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path)
 
+    # Every rank samples (under FSDP the DiT's forward is a collective; under DDP the other ranks would only wait
+    # for rank 0 at the next step); global rank 0 alone writes.
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every and trainer.global_step % self.every == 0 and trainer.is_global_zero:
+        if self.every and trainer.global_step % self.every == 0:
             self._save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            self._save(trainer, pl_module)
+        self._save(trainer, pl_module)
