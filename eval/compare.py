@@ -344,57 +344,61 @@ class ToyWorld:
         return self.minilm.tokens([prompt])
 
     @torch.no_grad()
-    def generate(self, arm: Arm, prompt: str, seed: int, adapter=None) -> torch.Tensor:
-        """Samples for every reference under one seed: `[R, 1, 16, 16]` in [-1, 1]."""
+    def generate(self, arm: Arm, prompt: str, seeds: list[int], adapter=None) -> torch.Tensor:
+        """Samples for every seed x reference, seed-major: `[S * R, 1, 16, 16]` in [-1, 1]. Seed `s` draws the
+        noise of all references from `Generator().manual_seed(s)`, the same in every arm."""
         import vlhooks as vh
         from vlhooks.blend import blend
         from vlhooks.normalize import match_global_std
 
-        R, steps, cfg_scale = len(self.ref_images), int(self.cfg["steps"]), float(self.cfg["cfg"])
+        R, S = len(self.ref_images), len(seeds)
+        steps, cfg_scale = int(self.cfg["steps"]), float(self.cfg["cfg"])
         cap = self.caption(prompt)
-        L = max(cap.tokens.shape[1], self.empty.tokens.shape[1])
-        cond = cap.tokens[0].new_zeros(L, cap.tokens.shape[-1])
-        cond[: cap.tokens.shape[1]] = cap.tokens[0]
-        cond_mask = torch.arange(L) < int(cap.mask[0].sum())
-        cond, cond_mask = cond.expand(R, -1, -1).clone(), cond_mask.expand(R, -1).clone()
+        Lt = int(cap.mask[0].sum())
+        cond, cond_mask = cap.tokens[0, :Lt].expand(R, -1, -1), torch.ones(R, Lt, dtype=torch.bool)  # [R, Lt, C]
         if arm.kind == "blend":
-            text = cap.tokens[0, : int(cap.mask[0].sum())]  # [Lt, C]
-            vl = match_global_std(self.features.tokens.float(), float(text.std(correction=0)))  # [R, N, C]
+            vl = match_global_std(self.features.tokens.float(), float(cond[0].std(correction=0)))  # [R, N, C]
             b = self.cfg["blend"]
             opts = {k: v for k, v in b.items() if k not in ("mode", "alpha")}
-            mixed = blend(text.expand(R, -1, -1), vl, b["mode"], b.get("alpha", 0.5), **opts)  # [R, L', C]
-            cond = mixed
-            cond_mask = torch.ones(mixed.shape[:2], dtype=torch.bool)
-        Lc = max(cond.shape[1], self.empty.tokens.shape[1])
-        caption = torch.zeros(2 * R, Lc, cond.shape[-1])
+            cond = blend(cond, vl, b["mode"], b.get("alpha", 0.5), **opts)  # [R, L', C]
+            cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool)
+        e = self.empty.tokens[0, : int(self.empty.mask[0].sum())]  # [L0, C]
+        Lc = max(cond.shape[1], e.shape[0])
+        caption = torch.zeros(2 * R, Lc, cond.shape[-1])  # rows: R conditional, then R unconditional
         mask = torch.zeros(2 * R, Lc, dtype=torch.bool)
         caption[:R, : cond.shape[1]], mask[:R, : cond.shape[1]] = cond, cond_mask
-        e = self.empty.tokens[0, : int(self.empty.mask[0].sum())]
         caption[R:, : e.shape[0]], mask[R:, : e.shape[0]] = e, True
+        caption = caption.repeat(S, 1, 1)  # [S * 2R, Lc, C]
+        mask = mask.repeat(S, 1)
 
         handle = None
         if arm.kind in ("zero-shot", "adapter", "random"):
             m = self.features.mask
-            feats = vh.VLFeatures(torch.cat([self.features.tokens] * 2), mask=None if m is None else torch.cat([m] * 2))
+            feats = vh.VLFeatures(self.features.tokens.repeat(2 * S, 1, 1),
+                                  mask=None if m is None else m.repeat(2 * S, 1))
             config = vh.InjectionConfig.from_dict(self.cfg["injection"])
-            handle = vh.apply_injection(self.dit, feats, config, adapter=adapter)
-            handle.set_features(feats, active=[True] * R + [False] * R)  # unconditional rows: no reference
+            handle = vh.apply_injection(self.dit, None, config, adapter=adapter)
+            handle.set_features(feats, active=([True] * R + [False] * R) * S)  # unconditional rows: no reference
         try:
-            x = torch.randn((R, 1, 16, 16), generator=torch.Generator().manual_seed(int(seed)))
+            x = torch.stack([torch.randn((R, 1, 16, 16), generator=torch.Generator().manual_seed(int(s)))
+                             for s in seeds])  # [S, R, 1, 16, 16]
             sig = torch.linspace(1.0, 0.0, steps + 1)
             for i in range(steps):
-                v = self.family.velocity(self.dit, torch.cat([x, x]), sig[i].expand(2 * R), caption, mask)
-                vc, vu = v[:R], v[R:]
+                xin = torch.cat([x, x], dim=1).flatten(0, 1)  # [S * 2R, 1, 16, 16]
+                v = self.family.velocity(self.dit, xin, sig[i].expand(len(xin)), caption, mask).view(S, 2 * R, 1, 16, 16)
+                vc, vu = v[:, :R], v[:, R:]
                 x = x + (sig[i + 1] - sig[i]) * (vu + cfg_scale * (vc - vu))
         finally:
             if handle is not None:
                 handle.remove()
-        return x
+        return x.flatten(0, 1)
 
     def label_metrics(self, samples: torch.Tensor) -> dict[str, np.ndarray]:
+        """Per sample (seed-major rows, as `generate` returns them)."""
         proba = self.classifier.predict_proba(samples.reshape(len(samples), -1).clamp(-1, 1).numpy())
         pred = self.classifier.classes_[proba.argmax(1)]
-        return {"class_match": (pred == self.ref_labels).astype(float), "prompt_consistency": proba.max(1)}
+        labels = np.tile(self.ref_labels, len(samples) // len(self.ref_labels))
+        return {"class_match": (pred == labels).astype(float), "prompt_consistency": proba.max(1)}
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -483,7 +487,7 @@ def log_wandb(out: Path, summary: dict, cfg: dict) -> None:
     except ImportError:
         print("wandb is not installed; skipping the wandb table (pip install wandb).", file=sys.stderr)
         return
-    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     run = wandb.init(project="vlhooks-compare", dir=str(out), mode=mode, config=cfg, reinit=True)
     metrics = list(next(iter(summary.values())).keys())
     table = wandb.Table(columns=["arm", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]])
@@ -514,7 +518,7 @@ def run(cfg: dict[str, Any], command: str = "vlhooks compare") -> dict[str, Any]
     per_seed: dict[str, dict[str, list[float]]] = {}
     cells: dict[str, list[list[np.ndarray]]] = {}
     jobs = [(a, p, s) for a in arms for p in cfg["prompts"] for s in seeds]
-    bar = tqdm(total=len(jobs), desc="compare", unit="batch")
+    bar = tqdm(total=len(jobs), desc="compare", unit="seed")
     adapters: dict[str, Any] = {}
     import vlhooks as vh
 
@@ -527,31 +531,31 @@ def run(cfg: dict[str, Any], command: str = "vlhooks compare") -> dict[str, Any]
     for arm in arms:
         per_seed[arm.name] = {}
         cells[arm.name] = [[] for _ in range(R)]
-        for seed in seeds:
-            values: dict[str, list[np.ndarray]] = {}
-            effs = []
-            for prompt in cfg["prompts"]:
-                bar.set_postfix(arm=arm.name, seed=seed)
-                x = world.generate(arm, prompt, seed, adapters.get(arm.name))  # [R, C, H, W]
-                images = [to_uint8(xi) for xi in x]
-                if getattr(world, "metric_size", None):  # large pipeline images: score at a fixed size
-                    images = [np.asarray(Image.fromarray(a).resize((world.metric_size,) * 2, Image.BICUBIC))
-                              for a in images]
-                emb = scorer.embed(images)
-                d, e = scorer.similarity(emb, refs)
-                values.setdefault("ref_similarity", []).append(d)
-                values.setdefault("ref_similarity_effnet", []).append(e)
-                for k, v in world.label_metrics(x).items():
-                    values.setdefault(k, []).append(v)
-                effs.append(emb[1])
-                if prompt == cfg["prompts"][0]:
+        values: dict[str, list[np.ndarray]] = {}  # metric -> per prompt [S, R]
+        effs = []  # per prompt [S, R, 1280]
+        for prompt in cfg["prompts"]:
+            bar.set_postfix(arm=arm.name)
+            x = world.generate(arm, prompt, seeds, adapters.get(arm.name))  # [S * R, C, H, W], seed-major
+            images = [to_uint8(xi) for xi in x]
+            if getattr(world, "metric_size", None):  # large pipeline images: score at a fixed size
+                images = [np.asarray(Image.fromarray(a).resize((world.metric_size,) * 2, Image.BICUBIC))
+                          for a in images]
+            emb = scorer.embed(images)
+            d, e = scorer.similarity(emb, (refs[0].repeat(len(seeds), 1), refs[1].repeat(len(seeds), 1)))
+            row = {"ref_similarity": d, "ref_similarity_effnet": e, **world.label_metrics(x)}
+            for k, v in row.items():
+                values.setdefault(k, []).append(np.asarray(v).reshape(len(seeds), R))
+            effs.append(emb[1].view(len(seeds), R, -1))
+            if prompt == cfg["prompts"][0]:
+                for k in range(len(seeds)):
                     for i in range(R):
-                        cells[arm.name][i].append(images[i])
-                bar.update(1)
-            for k, v in values.items():
-                per_seed[arm.name].setdefault(k, []).append(float(np.concatenate(v).mean()))
-            if scorer.has_frechet:
-                per_seed[arm.name].setdefault("frechet_effnet_pca16", []).append(scorer.frechet(torch.cat(effs)))
+                        cells[arm.name][i].append(images[k * R + i])
+            bar.update(len(seeds))
+        for k, v in values.items():  # per seed: the mean over prompts x references
+            per_seed[arm.name][k] = [float(x) for x in np.stack(v, 1).mean((1, 2))]
+        if scorer.has_frechet:
+            feats = torch.stack(effs, 1)  # [S, P, R, 1280]
+            per_seed[arm.name]["frechet_effnet_pca16"] = [scorer.frechet(f.flatten(0, 1)) for f in feats]
     bar.close()
     order = ["class_match", "ref_similarity", "ref_similarity_effnet", "frechet_effnet_pca16", "prompt_consistency"]
     summary = summarize({a: {m: per_seed[a][m] for m in order if m in per_seed[a]} for a in per_seed})

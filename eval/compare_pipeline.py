@@ -87,8 +87,12 @@ class PipelineWorld:
         return out
 
     @torch.no_grad()
-    def generate(self, arm: Arm, prompt: str, seed: int, adapter=None) -> torch.Tensor:
-        """Images for every reference under one seed: `[R, 3, H, W]` in [-1, 1]."""
+    def generate(self, arm: Arm, prompt: str, seeds: list[int], adapter=None) -> torch.Tensor:
+        """Images for every seed x reference, seed-major: `[S * R, 3, H, W]` in [-1, 1]. Reference `r` under seed
+        `s` uses `Generator(device).manual_seed(s * 100003 + r)`, the same in every arm."""
+        return torch.cat([self._generate_one_seed(arm, prompt, int(s), adapter) for s in seeds])
+
+    def _generate_one_seed(self, arm: Arm, prompt: str, seed: int, adapter=None) -> torch.Tensor:
         import vlhooks as vh
 
         R = len(self.ref_images)

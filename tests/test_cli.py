@@ -28,3 +28,19 @@ def test_sites_lists_full_size_flux_blocks():
     lines = [l for l in r.stdout.splitlines() if l.strip() and not l.startswith("preset")]
     assert len(lines) == 57 and lines[0].split()[-1] == "transformer_blocks.0"
     assert "preset 'double': 19 blocks" in r.stdout and "preset 'single': 38 blocks" in r.stdout
+
+
+@pytest.mark.slow
+def test_compare_command_prints_table_and_report_path(tmp_path):
+    """The README's main job through the command line (fewer references, seeds and steps)."""
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "vlhooks", "compare", "--out", str(out), "--seeds", "0", "--references",
+                        "2", "--steps", "2", "--arms", "none", "zero-shot"], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| zero-shot |" in r.stdout and f"Report: {out / 'report.html'}" in r.stdout
+    data = json.loads((out / "metrics.json").read_text())
+    assert list(data["arms"]) == ["none", "zero-shot"] and data["arms"]["none"]["class_match"]["n"] == 1
+    bad = subprocess.run([sys.executable, "-m", "vlhooks", "compare", "--arms", "nonsense", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert bad.returncode == 2 and "unknown arm 'nonsense'" in bad.stderr

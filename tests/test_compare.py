@@ -30,8 +30,11 @@ def toy_cfg(tmp_path, **kw):
 
 # ------------------------------------------------------------------------------------------- the embedded default
 @pytest.mark.slow
-def test_toy_compare_writes_grid_report_and_metrics(tmp_path):
-    cfg = toy_cfg(tmp_path, seeds=[0, 1], steps=6, references={"split": "heldout", "count": 4, "seed": 0})
+def test_toy_compare_writes_grid_report_and_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = toy_cfg(tmp_path, seeds=[0, 1], steps=6, references={"split": "heldout", "count": 4, "seed": 0},
+                  wandb=True)
     result = C.run(cfg, command="vlhooks compare --seeds 0 1")
     out = Path(cfg["out"])
     data = json.loads((out / "metrics.json").read_text())
@@ -57,6 +60,8 @@ def test_toy_compare_writes_grid_report_and_metrics(tmp_path):
         assert f"<th>{arm}</th>" in page
     assert "adapter" in page and "blend.mode" in page  # the settings that differ between arms
     assert result["out"] == str(out)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb")), "the wandb table is logged to an offline run"
 
 
 def test_none_arm_equals_the_plain_toy_sampler(tmp_path):
@@ -66,14 +71,16 @@ def test_none_arm_equals_the_plain_toy_sampler(tmp_path):
 
     cfg = toy_cfg(tmp_path, steps=5, references={"split": "heldout", "count": 3, "seed": 0}, adapters={})
     world = C.ToyWorld(cfg)
-    x = world.generate(C.Arm("none", "none"), "a handwritten digit", seed=7)
+    x = world.generate(C.Arm("none", "none"), "a handwritten digit", seeds=[7, 8])  # [2 * 3, 1, 16, 16]
     cap, emp = world.minilm.tokens(["a handwritten digit"]), world.empty
-    ref = sample(world.family, world.dit, cap.tokens, cap.mask, emp.tokens, emp.mask, n=3, cfg=3.0, steps=5, seed=7)
-    torch.testing.assert_close(x, ref, atol=1e-4, rtol=0)
+    for k, seed in enumerate((7, 8)):
+        ref = sample(world.family, world.dit, cap.tokens, cap.mask, emp.tokens, emp.mask, n=3, cfg=3.0, steps=5,
+                     seed=seed)
+        torch.testing.assert_close(x[3 * k : 3 * k + 3], ref, atol=1e-4, rtol=0)
     # the injection arms change the samples and leave the DiT unpatched afterwards
-    z = world.generate(C.Arm("zero-shot", "zero-shot"), "a handwritten digit", seed=7)
+    z = world.generate(C.Arm("zero-shot", "zero-shot"), "a handwritten digit", seeds=[7, 8])
     assert not torch.allclose(z, x, atol=1e-3) and vh.get_injection(world.dit) is None
-    again = world.generate(C.Arm("none", "none"), "a handwritten digit", seed=7)
+    again = world.generate(C.Arm("none", "none"), "a handwritten digit", seeds=[7, 8])
     assert torch.equal(again, x)
 
 
@@ -199,12 +206,12 @@ def test_pipeline_world_on_a_saved_tiny_pipeline(tmp_path):
     from vlhooks.eval.compare_pipeline import PipelineWorld
 
     world = PipelineWorld(cfg)
-    x = world.generate(C.Arm("none", "none"), "a cat", seed=1)
+    x = world.generate(C.Arm("none", "none"), "a cat", seeds=[1])
     plain = [world.pipe("a cat", generator=torch.Generator().manual_seed(1 * 100_003 + r), output_type="np",
                         **cfg["generate"]).images[0] for r in range(3)]
     expect = torch.from_numpy(np.stack(plain)).permute(0, 3, 1, 2).float() * 2.0 - 1.0
     assert torch.equal(x, expect)
-    z = world.generate(C.Arm("zero-shot", "zero-shot"), "a cat", seed=1)
+    z = world.generate(C.Arm("zero-shot", "zero-shot"), "a cat", seeds=[1])
     assert z.shape == x.shape and not torch.equal(z, x)
     result = C.run(cfg)
     assert list(result["arms"]) == ["none", "blend", "zero-shot", "projection", "random"]
