@@ -22,17 +22,79 @@ class ExtraKV:
     `k`, `v` are `[R, N, H, Dh]` for the `R` batch rows that receive them (`rows`, or every row when `None`, in
     order). `lam` is the per-row strength: Python floats (eager) or a `[R]` tensor (under `torch.compile`, where
     nothing may sync with the host). `key_mask` marks real extra tokens.
+
+    The block hook may leave `k`, `v` unset and hand over `make_kv` instead: the processor calls it (through
+    `materialize`) once the block has computed its own modulation, which the text path then reuses. `scratch` is
+    a dict shared by the blocks of one forward call (tables built once per call).
     """
 
-    k: torch.Tensor  # [R, N, H, Dh]
-    v: torch.Tensor  # [R, N, H, Dh]
+    k: torch.Tensor | None  # [R, N, H, Dh]
+    v: torch.Tensor | None  # [R, N, H, Dh]
     rows: list[int] | None
     lam: list[float] | torch.Tensor  # [R]
     key_mask: torch.Tensor | None  # [R, N] bool
     mode: str  # "joint" | "decoupled"
+    make_kv: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    scratch: dict | None = None
 
     def lam_is_one(self) -> bool:
         return isinstance(self.lam, list) and all(x == 1.0 for x in self.lam)
+
+    def materialize(self) -> "ExtraKV":
+        """Compute `k`, `v` from `make_kv` if the hook deferred them."""
+        if self.k is None:
+            self.k, self.v = self.make_kv()
+        return self
+
+
+def appendable(extra: ExtraKV, base_mask: torch.Tensor | None) -> bool:
+    """Whether joint attention needs nothing but the extra keys appended to the block's own: every row,
+    strength 1, no padding, no mask of the block's own (so no bias)."""
+    return (
+        extra.mode == "joint" and extra.rows is None and extra.key_mask is None and extra.lam_is_one()
+        and base_mask is None
+    )
+
+
+def plain_joint(extra: ExtraKV, batch: int, base_mask: torch.Tensor | None) -> bool:
+    """`appendable`, and one batch row: a row range of a `[1, L + N, ...]` buffer is then contiguous, so a GEMM
+    can write its part of the keys/values in place (see `linear_into`)."""
+    return batch == 1 and appendable(extra, base_mask)
+
+
+def joint_buffers(like: torch.Tensor, length: int, extra: ExtraKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[1, length + N, H, Dh]` key and value buffers whose last `N` rows already hold the extra K/V; the block
+    writes its own `length` rows in place, which saves concatenating K and V afterwards."""
+    extra.materialize()
+    n, H, D = extra.k.shape[1], extra.k.shape[2], extra.k.shape[3]
+    kbuf = like.new_empty(1, length + n, H, D)
+    vbuf = like.new_empty(1, length + n, H, D)
+    kbuf[:, length:].copy_(extra.k)
+    vbuf[:, length:].copy_(extra.v)
+    return kbuf, vbuf
+
+
+def can_write_into(linear: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether `linear_into` can write `linear(x)` in place: a plain `nn.Linear`, contiguous input, eager inference
+    (`out=` has no autograd; under `torch.compile` inductor places the concatenation itself)."""
+    return (
+        type(linear) is torch.nn.Linear and x.is_contiguous() and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def linear_into(out: torch.Tensor, x: torch.Tensor, linear: torch.nn.Module) -> bool:
+    """`out[...] = linear(x)` written by the GEMM itself (`out` contiguous); False (nothing written) unless
+    `can_write_into`. The same GEMM `F.linear` runs (`addmm` / `mm` on the flattened rows)."""
+    if not can_write_into(linear, x) or not out.is_contiguous():
+        return False
+    x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    w = linear.weight.t()
+    if linear.bias is None:
+        torch.mm(x2, w, out=o2)
+    else:
+        torch.addmm(linear.bias, x2, w, out=o2)
+    return True
 
 
 def _lam_tensor(lam: list[float] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -89,6 +151,7 @@ def attend_with_extras(
     the unpatched block computes them.
     """
     B = q.shape[0]
+    extra.materialize()
     ek, ev = extra.k, extra.v  # [R, N, H, Dh]
     if seq_dim == 2:
         ek, ev = ek.transpose(1, 2), ev.transpose(1, 2)  # [R, H, N, Dh]
@@ -103,11 +166,11 @@ def attend_with_extras(
             bias = torch.zeros(extra.key_mask.shape, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill(~extra.key_mask, float("-inf"))[:, None, None, :]  # [R, 1, 1, N]
         added = sdpa(q_a, ek, ev, bias)  # same layout as out, R rows
-        lam = _lam_tensor(extra.lam, out).view(-1, 1, 1, 1)
         if isinstance(extra.lam, list) and len(set(extra.lam)) == 1:
-            added = added * extra.lam[0]
+            if extra.lam[0] != 1.0:  # strength 1: no multiply
+                added = added * extra.lam[0]
         else:
-            added = added * lam
+            added = added * _lam_tensor(extra.lam, out).view(-1, 1, 1, 1)
         if rows is None:
             return out + added
         out = out.clone()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
+from diffusers.hooks import ModelHook
 from torch import nn
 
 from .attention import ExtraKV
@@ -28,6 +29,20 @@ from .projector import ZeroShotProjector
 logger = logging.getLogger(__name__)
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, InjectionHandle]" = weakref.WeakKeyDictionary()
+MODULATION_HOOK = "vlhooks.modulation"
+
+
+class ModulationHook(ModelHook):
+    """On the block's modulation layer (the family's `modulation_module`): hands its output to the block's
+    processor, so that the extras' text path reuses the block's own modulation instead of computing it again."""
+
+    def __init__(self, processor: Any):
+        super().__init__()
+        self.processor = processor
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        self.processor.captured_mod = output
+        return output
 
 
 # ---------------------------------------------------------------------------------------------------- targets
@@ -187,6 +202,15 @@ class Injector:
         store[key] = (out, mask)
         return store[key]
 
+    def normed(self, site: Site) -> torch.Tensor:
+        """The family's timestep-independent pre-norm of the embedded bank for `site`, cached like `embedded`."""
+        key = ("normed", self.projector.embed_key(self.family, site), self.family.norm_key(self.transformer, site))
+        store = self.cache if not torch.is_grad_enabled() else self.forward_cache
+        if key not in store:
+            bank, _ = self.embedded(site)
+            store[key] = self.family.text_norm(self.transformer, site, bank)
+        return store[key]
+
     # ------------------------------------------------------------------ per call
     def _roles(self, batch: int, context_name: str | None) -> list[str]:
         """'c' (conditional) or 'u' (unconditional) per model row."""
@@ -276,10 +300,12 @@ class Injector:
         # see exactly the work of the original forward.
         for site in self.sites:
             self.embedded(site)
+            self.normed(site)
 
     def prepare_block(self, site: Site, args: tuple, kwargs: dict) -> None:
         proc = self.processors[site.name]
         proc.pending = None
+        proc.normed = None
         plan = self.plan
         if plan is None or self._embedding:
             return
@@ -291,16 +317,26 @@ class Injector:
         else:
             lam = [f * scale for f in plan.factors]
         bank, mask = self.embedded(site)  # [Bf + Bn, N, D]
+        normed = self.normed(site)
         frows = plan.feature_rows
         if len(set(frows)) == 1 and bank.shape[0] == 1:
             hidden = bank.expand(len(frows), -1, -1)
+            normed = normed.expand(len(frows), -1, -1)
             key_mask = None if mask is None else mask.expand(len(frows), -1)
         else:
             idx = torch.tensor(frows, device=bank.device)
             hidden = bank.index_select(0, idx)
+            normed = normed.index_select(0, idx)
             key_mask = None if mask is None else mask.index_select(0, idx)
-        k, v = self.projector.kv(self.family, self.transformer, site, hidden, args, kwargs, plan.rows, self.cache)
-        proc.pending = ExtraKV(k=k, v=v, rows=plan.rows, lam=lam, key_mask=key_mask, mode=self.config.mode)
+        proc.normed = (hidden, normed)  # read by the family's text_input for exactly this `hidden`
+        fam, tf, rows, projector, cache = self.family, self.transformer, plan.rows, self.projector, self.cache
+
+        # The K/V are computed inside the processor, after the block's own modulation (captured, not recomputed).
+        def make_kv():
+            return projector.kv(fam, tf, site, hidden, args, kwargs, rows, cache)
+
+        proc.pending = ExtraKV(k=None, v=None, rows=rows, lam=lam, key_mask=key_mask, mode=self.config.mode,
+                               make_kv=make_kv, scratch=self.forward_cache)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -316,6 +352,9 @@ class Injector:
             self.hooks.add(tf, ProgressHook(self), PROGRESS_HOOK)
             for site in self.sites:
                 self.hooks.add(site.block(tf), BlockHook(self, site), BLOCK_HOOK)
+                mod = self.family.modulation_module(tf, site)
+                if mod is not None:
+                    self.hooks.add(mod, ModulationHook(self.processors[site.name]), MODULATION_HOOK)
             if hasattr(tf, "_diffusers_hook"):
                 tf._diffusers_hook.invalidate_child_registries_cache()
         except Exception:

@@ -151,6 +151,34 @@ class DiTFamily:
         """The block's pre-attention norm and modulation of text tokens at this step. `[R, N, D]` -> `[R, N, D]`."""
         raise NotImplementedError
 
+    # The text path in two parts, for speed: the pre-norm does not depend on the timestep, so the injector caches
+    # it per generation (`text_norm`, shared by sites with one `norm_key`) and hands the cached result to
+    # `text_input` through the processor (`pre_normed`). The block's own modulation is captured from the module
+    # `modulation_module` names while the block runs (`captured_modulation`), so it is not computed twice.
+    def text_norm(self, transformer: nn.Module, site: Site, hidden: torch.Tensor) -> torch.Tensor:
+        """The timestep-independent pre-norm of `text_input` (`[R, N, D]`); the identity if the family has none."""
+        return hidden
+
+    def norm_key(self, transformer: nn.Module, site: Site) -> Hashable:
+        """Sites with the same key share one cached `text_norm` of the features."""
+        return site.name
+
+    def modulation_module(self, transformer: nn.Module, site: Site) -> nn.Module | None:
+        """The block's submodule whose output is the modulation `text_input` needs (captured while the block runs),
+        or None."""
+        return None
+
+    @staticmethod
+    def pre_normed(transformer: nn.Module, site: Site, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The cached `text_norm(hidden)` the injector left on the site's processor for exactly this `hidden`."""
+        pre = getattr(site.attention(transformer).processor, "normed", None)
+        return pre[1] if pre is not None and pre[0] is hidden else None
+
+    @staticmethod
+    def captured_modulation(transformer: nn.Module, site: Site) -> torch.Tensor | None:
+        """The block's own modulation output of the current call, while its processor computes the extras."""
+        return getattr(site.attention(transformer).processor, "active_mod", None)
+
     def kv_linears(self, transformer: nn.Module, site: Site) -> tuple[nn.Module, nn.Module]:
         """The block's text-side K and V projections (the modules a `kv` adapter copies and LoRA wraps)."""
         raise NotImplementedError
@@ -215,6 +243,35 @@ def family_for(transformer: nn.Module) -> DiTFamily:
         f"{type(transformer).__name__} is not a supported DiT. Supported: {known}. Pass a diffusers pipeline or its "
         "`.transformer`; to add an architecture, write a `DiTFamily` and call `vh.register_family`."
     )
+
+
+class ExtrasState:
+    """Mixin for the family processors: the per-call state shared with the injector's hooks.
+
+    `pending` (an `ExtraKV` from the block hook), `captured_mod` (the block's modulation output, from the capture
+    hook), `normed` (`(hidden, text_norm(hidden))` from the block hook) and `active_mod` (the modulation, while the
+    extras' text path runs inside the processor)."""
+
+    def _init_state(self) -> None:
+        self.pending = None
+        self.captured_mod = None
+        self.active_mod = None
+        self.normed = None
+
+    def take(self):
+        """`(extra, modulation)` of this call; clears both, so nothing leaks into a later call."""
+        extra, self.pending = self.pending, None
+        mod, self.captured_mod = self.captured_mod, None
+        return extra, mod
+
+    def text_path(self, fn, mod):
+        """Run the extras' text path `fn()` with the captured modulation visible to the family's `text_input`."""
+        self.active_mod = mod
+        try:
+            return fn()
+        finally:
+            self.active_mod = None
+            self.normed = None
 
 
 def rows_of(x: torch.Tensor, rows: list[int] | None) -> torch.Tensor:

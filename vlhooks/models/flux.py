@@ -23,18 +23,23 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from torch import nn
 
-from ..attention import ExtraKV, attend_with_extras
-from .base import DiTFamily, Site, arg, register_family, rows_of
+from ..attention import appendable, attend_with_extras, can_write_into, joint_buffers, linear_into, plain_joint
+from .base import DiTFamily, ExtrasState, Site, arg, register_family, rows_of
 
 
-class FluxInjectionProcessor(FluxAttnProcessor):
+class FluxInjectionProcessor(ExtrasState, FluxAttnProcessor):
     """`FluxAttnProcessor` that also attends to the extra K/V its block hook left in `pending`.
-    With nothing pending it calls the original processor, so inactive steps are bit-identical."""
+    With nothing pending it calls the original processor, so inactive steps are bit-identical. The extras' K/V
+    are computed here, after the block's own modulation, which their text path reuses (captured).
+
+    Joint mode with nothing to gate appends the extra K/V without a second copy of the block's K/V: double blocks
+    join them in the concatenation of text and image K/V the block makes anyway (RoPE's identity rows at the
+    extra keys); single blocks write their own K/V straight into `[1, L + N]` buffers."""
 
     def __init__(self, base: Any):
         super().__init__()
+        self._init_state()
         self.base = base
-        self.pending: ExtraKV | None = None
         self._attention_backend = getattr(base, "_attention_backend", None)
         self._parallel_config = getattr(base, "_parallel_config", None)
 
@@ -46,9 +51,17 @@ class FluxInjectionProcessor(FluxAttnProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        extra, self.pending = self.pending, None
+        extra, mod = self.take()
         if extra is None:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+        self.text_path(extra.materialize, mod)
+        if (encoder_hidden_states is None and not attn.fused_projections and image_rotary_emb is not None
+                and can_write_into(attn.to_v, hidden_states)
+                and plain_joint(extra, hidden_states.shape[0], attention_mask)):
+            return self._single_joint(attn, hidden_states, image_rotary_emb, extra)
+        one_concat = (encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+                      and appendable(extra, attention_mask))
 
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
@@ -61,20 +74,47 @@ class FluxInjectionProcessor(FluxAttnProcessor):
             encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
             encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
             query = torch.cat([encoder_query, query], dim=1)  # [txt, img]
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
+            if one_concat:  # [txt, img, extra]: what attend_with_extras builds, with one copy instead of two
+                key = torch.cat([encoder_key, key, extra.k.to(key.dtype)], dim=1)
+                value = torch.cat([encoder_value, value, extra.v.to(value.dtype)], dim=1)
+            else:
+                key = torch.cat([encoder_key, key], dim=1)
+                value = torch.cat([encoder_value, value], dim=1)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            if one_concat:
+                rope = _with_identity_rows(image_rotary_emb, extra.k.shape[1], extra)
+                key = apply_rotary_emb(key, rope, sequence_dim=1)
+            else:
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        def sdpa(q, k, v, mask):
-            return dispatch_attention_fn(
-                q, k, v, attn_mask=mask, backend=self._attention_backend, parallel_config=self._parallel_config
-            )
+        if one_concat:
+            hidden_states = self._sdpa(query, key, value, None)
+        else:
+            hidden_states = attend_with_extras(query, key, value, attention_mask, extra, self._sdpa, seq_dim=1)
+        return self._out(attn, hidden_states.flatten(2, 3).to(query.dtype), encoder_hidden_states)
 
-        hidden_states = attend_with_extras(query, key, value, attention_mask, extra, sdpa, seq_dim=1)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+    def _single_joint(self, attn, hidden_states, image_rotary_emb, extra):
+        """Single block, joint, nothing to gate: `[txt + img, extra]` keys as `attend_with_extras` builds them, the
+        block's own K/V written in place (RoPE converted into the key buffer, `to_v`'s GEMM into the value
+        buffer)."""
+        L = hidden_states.shape[1]
+        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim)))
+        kbuf, vbuf = joint_buffers(key, L, extra)
+        linear_into(vbuf[:, :L].flatten(2), hidden_states, attn.to_v)
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        _rope_into(kbuf[:, :L], key, image_rotary_emb)
+        out = self._sdpa(query, kbuf, vbuf, None)
+        return out.flatten(2, 3).to(query.dtype)
 
+    def _sdpa(self, q, k, v, mask):
+        return dispatch_attention_fn(
+            q, k, v, attn_mask=mask, backend=self._attention_backend, parallel_config=self._parallel_config
+        )
+
+    @staticmethod
+    def _out(attn, hidden_states, encoder_hidden_states):
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
@@ -84,6 +124,34 @@ class FluxInjectionProcessor(FluxAttnProcessor):
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+def _rope_into(out: torch.Tensor, x: torch.Tensor, rope) -> torch.Tensor:
+    """`apply_rotary_emb(x, rope, sequence_dim=1)` (diffusers' real form, pairs interleaved) converted into `out`
+    instead of a new tensor: the same float arithmetic and the same final rounding."""
+    cos, sin = rope
+    cos, sin = cos[None, :, None, :].to(x.device), sin[None, :, None, :].to(x.device)
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return out.copy_(x.float() * cos + x_rotated.float() * sin)
+
+
+def _with_identity_rows(rope, n: int, extra):
+    """Flux's `(cos, sin)` tables followed by `n` identity rows (cos 1, sin 0), built once per forward call. The
+    identity rotation returns the extra keys exactly (`x * 1 + x_rot * 0 = x`), as the extra keys sit at position 0
+    (see the module docstring), so the result equals rotating the block's keys alone and appending the extras."""
+    cos, sin = rope
+    scratch = None if torch.compiler.is_compiling() else extra.scratch
+    key = ("flux.identity_rows", n)
+    if scratch is not None:
+        hit = scratch.get(key)
+        if hit is not None and hit[0] is cos and hit[1] is sin:
+            return hit[2]
+    one = torch.ones(n, cos.shape[1], dtype=cos.dtype, device=cos.device)
+    out = (torch.cat([cos, one]), torch.cat([sin, torch.zeros_like(one)]))
+    if scratch is not None:
+        scratch[key] = (cos, sin, out)
+    return out
 
 
 class FluxFamily(DiTFamily):
@@ -120,11 +188,43 @@ class FluxFamily(DiTFamily):
     def embed(self, transformer, tokens, mask, site, cache):
         return transformer.context_embedder(tokens)  # [B, N, D]
 
+    @staticmethod
+    def _norm(block, site):
+        return block.norm1_context if site.kind == "double" else block.norm  # AdaLayerNormZero(Single)
+
+    def _plain_adaln(self, norm) -> bool:
+        """`norm(x, emb)` is `norm.norm(x) * (1 + scale) + shift` with `shift, scale` the first two chunks of
+        `norm.linear(silu(emb))` (Flux's own AdaLayerNormZero / AdaLayerNormZeroSingle)."""
+        return (getattr(norm, "emb", None) is None and isinstance(getattr(norm, "linear", None), nn.Linear)
+                and isinstance(getattr(norm, "norm", None), nn.LayerNorm))
+
+    def text_norm(self, transformer, site, hidden):
+        norm = self._norm(site.block(transformer), site)
+        return norm.norm(hidden) if self._plain_adaln(norm) else hidden
+
+    def norm_key(self, transformer, site):
+        norm = self._norm(site.block(transformer), site)
+        if self._plain_adaln(norm) and norm.norm.weight is None:
+            return ("flux.layernorm", site.kind, norm.norm.eps)  # no weights: one cached norm for all such blocks
+        return site.name
+
+    def modulation_module(self, transformer, site):
+        norm = self._norm(site.block(transformer), site)
+        return norm.linear if self._plain_adaln(norm) else None
+
     def text_input(self, transformer, site, hidden, block_args, block_kwargs, rows):
         block = site.block(transformer)
-        temb = rows_of(arg(block_args, block_kwargs, "temb", 2), rows)  # [R, D]
-        norm = block.norm1_context if site.kind == "double" else block.norm
-        return norm(hidden, emb=temb)[0]  # [R, N, D]
+        norm = self._norm(block, site)
+        temb = arg(block_args, block_kwargs, "temb", 2)
+        if not self._plain_adaln(norm):
+            return norm(hidden, emb=rows_of(temb, rows))[0]  # [R, N, D]
+        emb = self.captured_modulation(transformer, site)  # the block's own norm.linear(silu(temb))
+        emb = norm.linear(norm.silu(rows_of(temb, rows))) if emb is None else rows_of(emb, rows)
+        shift, scale = emb.chunk(6 if site.kind == "double" else 3, dim=1)[:2]
+        x = self.pre_normed(transformer, site, hidden)
+        if x is None:
+            x = norm.norm(hidden)
+        return x * (1 + scale[:, None]) + shift[:, None]
 
     def kv_linears(self, transformer, site):
         attn = site.attention(transformer)

@@ -19,18 +19,18 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from torch import nn
 
-from ..attention import ExtraKV, attend_with_extras
-from .base import DiTFamily, Site, arg, register_family, rows_of
+from ..attention import attend_with_extras
+from .base import DiTFamily, ExtrasState, Site, arg, register_family, rows_of
 
 
-class SD3InjectionProcessor(JointAttnProcessor2_0):
+class SD3InjectionProcessor(ExtrasState, JointAttnProcessor2_0):
     """`JointAttnProcessor2_0` that also attends to the extra K/V its block hook left in `pending`.
     With nothing pending it calls the original processor, so inactive steps are bit-identical."""
 
     def __init__(self, base: Any):
         super().__init__()
+        self._init_state()
         self.base = base
-        self.pending: ExtraKV | None = None
 
     def __call__(
         self,
@@ -41,9 +41,10 @@ class SD3InjectionProcessor(JointAttnProcessor2_0):
         *args,
         **kwargs,
     ) -> torch.FloatTensor:
-        extra, self.pending = self.pending, None
+        extra, mod = self.take()
         if extra is None or encoder_hidden_states is None:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        self.text_path(extra.materialize, mod)
 
         residual_len = hidden_states.shape[1]
         B = hidden_states.shape[0]

@@ -19,27 +19,29 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 from torch import nn
 
-from ..attention import ExtraKV, attend_with_extras
+from ..attention import attend_with_extras, can_write_into, joint_buffers, linear_into, plain_joint
 from ..errors import TargetError
-from .base import DiTFamily, Site, arg, register_family, rows_of
+from .base import DiTFamily, ExtrasState, Site, arg, register_family, rows_of
 
 
-def _rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Z-Image's complex RoPE. `x` `[B, L, H, Dh]`, `freqs_cis` `[B or 1, L, Dh/2]` complex."""
+def _rope(x: torch.Tensor, freqs_cis: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Z-Image's complex RoPE. `x` `[B, L, H, Dh]`, `freqs_cis` `[B or 1, L, Dh/2]` complex. With `out`, the
+    result is converted into `out` (the same rounding as `type_as`) instead of a new tensor."""
     with torch.amp.autocast("cuda", enabled=False):
         xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-        out = torch.view_as_real(xc * freqs_cis.unsqueeze(2)).flatten(3)
-        return out.type_as(x)
+        res = torch.view_as_real(xc * freqs_cis.unsqueeze(2)).flatten(3)
+        return res.type_as(x) if out is None else out.copy_(res)
 
 
-class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
+class ZImageInjectionProcessor(ExtrasState, ZSingleStreamAttnProcessor):
     """`ZSingleStreamAttnProcessor` that also attends to the extra K/V its block hook left in `pending`.
-    With nothing pending it calls the original processor, so inactive steps are bit-identical."""
+    With nothing pending it calls the original processor, so inactive steps are bit-identical. The extras' K/V
+    are computed here, after the block's own modulation, which their text path reuses (captured)."""
 
     def __init__(self, base: Any):
         super().__init__()
+        self._init_state()
         self.base = base
-        self.pending: ExtraKV | None = None
         self._attention_backend = getattr(base, "_attention_backend", None)
         self._parallel_config = getattr(base, "_parallel_config", None)
 
@@ -51,20 +53,28 @@ class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
         attention_mask: torch.Tensor | None = None,
         freqs_cis: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        extra, self.pending = self.pending, None
+        extra, mod = self.take()
         if extra is None:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
 
+        self.text_path(extra.materialize, mod)
+        L = hidden_states.shape[1]
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # [B, L, H, Dh]
         key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        # joint with nothing to gate: the block writes its own K/V straight into [1, L + N] buffers (no concat)
+        bufs = None
+        if (plain_joint(extra, hidden_states.shape[0], attention_mask) and freqs_cis is not None
+                and can_write_into(attn.to_v, hidden_states)):
+            bufs = joint_buffers(key, L, extra)
+            linear_into(bufs[1][:, :L].flatten(2), hidden_states, attn.to_v)
+        value = bufs[1][:, :L] if bufs else attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if freqs_cis is not None:
             query = _rope(query, freqs_cis)
-            key = _rope(key, freqs_cis)
+            key = _rope(key, freqs_cis, out=bufs[0][:, :L] if bufs else None)
         dtype = query.dtype
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
@@ -75,7 +85,10 @@ class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
                 backend=self._attention_backend, parallel_config=self._parallel_config,
             )
 
-        out = attend_with_extras(query, key, value, attention_mask, extra, sdpa, seq_dim=1)
+        if bufs:
+            out = sdpa(query, bufs[0], bufs[1], None)  # = attend_with_extras' concatenation, without the copies
+        else:
+            out = attend_with_extras(query, key, value, attention_mask, extra, sdpa, seq_dim=1)
         out = out.flatten(2, 3).to(dtype)
         out = attn.to_out[0](out)
         if len(attn.to_out) > 1:
@@ -152,12 +165,24 @@ class ZImageFamily(DiTFamily):
                 h = layer(h, mask, freqs)
         return h
 
+    def text_norm(self, transformer, site, hidden):
+        return site.block(transformer).attention_norm1(hidden)
+
+    def modulation_module(self, transformer, site):
+        block = site.block(transformer)
+        return block.adaLN_modulation if block.modulation else None
+
     def text_input(self, transformer, site, hidden, block_args, block_kwargs, rows):
         block = site.block(transformer)
-        x = block.attention_norm1(hidden)  # [R, N, D]
+        x = self.pre_normed(transformer, site, hidden)
+        if x is None:
+            x = block.attention_norm1(hidden)  # [R, N, D]
         if block.modulation:
-            adaln = arg(block_args, block_kwargs, "adaln_input", 3)
-            mod = block.adaLN_modulation(rows_of(adaln, rows))  # [R, 4D]
+            mod = self.captured_modulation(transformer, site)  # the block's own adaLN output, [B or 1, 4D]
+            if mod is None:
+                mod = block.adaLN_modulation(rows_of(arg(block_args, block_kwargs, "adaln_input", 3), rows))
+            else:
+                mod = rows_of(mod, rows)
             x = x * (1.0 + mod.unsqueeze(1).chunk(4, dim=2)[0])  # scale_msa [R, 1, D]
         return x
 

@@ -1,0 +1,103 @@
+"""The speed paths of the injection processors against the general path they replace, and their parts against
+independent references.
+
+- Joint mode with nothing to gate: Flux double blocks append the extra K/V inside the block's own text/image
+  concatenation; Flux single blocks and Z-Image write their own K/V into `[1, L + N]` buffers. Each must equal the
+  general path (`attend_with_extras`' concatenation) exactly.
+- The extras' text path reuses the block's captured modulation and a per-generation cache of its pre-norm: the
+  outputs must equal recomputing both, bit for bit.
+"""
+
+import pytest
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+
+import vlhooks as vh
+import vlhooks.models.flux as flux_mod
+import vlhooks.models.z_image as z_mod
+from vlhooks.attention import linear_into
+from vlhooks.models.base import DiTFamily
+from tiny import build, caption_width, inputs, output
+
+
+def _run(family, cfg=None, batch=1, n=5, mask=False):
+    torch.manual_seed(3)
+    model = build(family)
+    kw = inputs(family, batch=batch)
+    tokens = torch.randn(1, n, caption_width(family))
+    m = None
+    if mask:
+        m = torch.ones(1, n, dtype=torch.bool)
+        m[0, -2:] = False
+    with torch.no_grad(), vh.inject(model, vh.VLFeatures(tokens, mask=m), cfg or vh.InjectionConfig()):
+        return output(model, kw)
+
+
+def _general_only(monkeypatch):
+    """Force the general path (`attend_with_extras` with its concatenation) everywhere."""
+    for mod in (flux_mod, z_mod):
+        monkeypatch.setattr(mod, "plain_joint", lambda *a, **k: False)
+    monkeypatch.setattr(flux_mod, "appendable", lambda *a, **k: False)
+
+
+@pytest.mark.parametrize("family", ["flux", "z_image"])
+def test_joint_fast_paths_equal_general_path(family, monkeypatch):
+    fast = _run(family)
+    _general_only(monkeypatch)
+    general = _run(family)
+    assert torch.equal(fast, general)
+
+
+@pytest.mark.parametrize("family", ["flux", "z_image"])
+def test_fast_paths_used_only_when_nothing_to_gate(family, monkeypatch):
+    """Batch 2, a padded feature mask, a strength below 1: the general path, and the same numbers as before."""
+    cases = [dict(batch=2), dict(mask=True), dict(cfg=vh.InjectionConfig(scale=0.5))]
+    fast = [_run(family, **c) for c in cases]
+    _general_only(monkeypatch)
+    for c, f in zip(cases, fast):
+        assert torch.equal(f, _run(family, **c)), c
+
+
+@pytest.mark.parametrize("family", ["flux", "z_image", "sd3"])
+@pytest.mark.parametrize("mode", ["joint", "decoupled"])
+def test_captured_modulation_and_cached_norm_equal_recomputing(family, mode, monkeypatch):
+    cfg = vh.InjectionConfig(mode=mode)
+    fast = _run(family, cfg, batch=2)
+    monkeypatch.setattr(DiTFamily, "pre_normed", staticmethod(lambda *a: None))
+    monkeypatch.setattr(DiTFamily, "captured_modulation", staticmethod(lambda *a: None))
+    for fam in vh.models.base._FAMILIES:
+        monkeypatch.setattr(type(fam), "modulation_module", lambda self, tf, site: None)
+    assert torch.equal(fast, _run(family, cfg, batch=2))
+
+
+def test_flux_rope_into_and_identity_rows_are_exact():
+    torch.manual_seed(0)
+    x = torch.randn(1, 7, 2, 8)
+    cos, sin = torch.randn(7, 8), torch.randn(7, 8)
+    out = torch.empty(1, 7, 2, 8)
+    flux_mod._rope_into(out, x, (cos, sin))
+    assert torch.equal(out, apply_rotary_emb(x, (cos, sin), sequence_dim=1))
+
+    class _E:
+        scratch = {}
+
+    ext = flux_mod._with_identity_rows((cos, sin), 3, _E)
+    xe = torch.randn(1, 10, 2, 8)
+    rot = apply_rotary_emb(xe, ext, sequence_dim=1)
+    assert torch.equal(rot[:, 7:], xe[:, 7:])  # the identity rows leave the extra keys as they are
+    assert torch.equal(rot[:, :7], apply_rotary_emb(xe[:, :7], (cos, sin), sequence_dim=1))
+    assert flux_mod._with_identity_rows((cos, sin), 3, _E) is ext  # built once per forward call
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@torch.no_grad()
+def test_linear_into_equals_linear(bias):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 12, bias=bias)
+    x = torch.randn(1, 9, 16)
+    buf = torch.empty(1, 11, 12)
+    assert linear_into(buf[:, :9], x, lin)
+    assert torch.equal(buf[:, :9], lin(x))
+    assert not linear_into(buf[:, :9], x, torch.nn.Sequential(lin))  # only plain nn.Linear
+    with torch.enable_grad():
+        assert not linear_into(buf[:, :9], x, lin)  # out= has no autograd: training takes the general path
