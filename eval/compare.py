@@ -263,12 +263,12 @@ def summarize(per_seed: dict[str, dict[str, list[float]]]) -> dict[str, dict[str
 class Scorer:
     """Reference-similarity and distribution metrics shared by both worlds (DINOv2-S, EfficientNet-Lite0)."""
 
-    def __init__(self, real_images: list[np.ndarray]):
+    def __init__(self, real_images: list[np.ndarray], image_size: int = 224):
         from vlhooks.encoders import load_efficientnet_lite0, load_extractor
 
-        self.dino = load_extractor("dinov2-small", image_size=112, include_cls=True)
+        self.dino = load_extractor("dinov2-small", image_size=image_size, include_cls=True)
         self.effnet = load_efficientnet_lite0()
-        self.effnet.image_size = 112
+        self.effnet.image_size = image_size
         real = self.effnet.pooled(real_images).numpy()  # [M, 1280]
         self.has_frechet = len(real) >= 32  # a 16-d covariance needs well over 16 real images
         self.mean = real.mean(0)
@@ -317,6 +317,7 @@ class ToyWorld:
         from vlhooks.train.data import load_source
 
         self.cfg = cfg
+        self.score_size = 56  # 16x16 samples: DINOv2-S and EfficientNet-Lite0 see them at 56 px (4 x 4 DINOv2 patches)
         dit_path = Path(cfg["dit"])
         if not (dit_path / "config.json").is_file():
             raise CompareError(f"the toy DiT {dit_path} is missing; run from the repository root or set `dit`.")
@@ -512,7 +513,7 @@ def run(cfg: dict[str, Any], command: str = "vlhooks compare") -> dict[str, Any]
         world = PipelineWorld(cfg)
     else:
         world = ToyWorld(cfg)
-    scorer = Scorer(world.real_images)
+    scorer = Scorer(world.real_images, world.score_size)
     refs = scorer.embed(world.ref_small)
     R, seeds = len(world.ref_images), [int(s) for s in cfg["seeds"]]
     per_seed: dict[str, dict[str, list[float]]] = {}
