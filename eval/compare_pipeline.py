@@ -61,7 +61,7 @@ class PipelineWorld:
         tokens, mask = image_encoder(dict(cfg["encoder"]))(self.ref_images)  # [R, N, D]
         self.features = vh.VLFeatures(tokens.float(), mask=mask)
         self.metric_size = size
-        self.score_size = min(224, size - size % 14)  # DINOv2-S / EfficientNet-Lite0 input size
+        self.score_size = max(56, min(224, size - size % 14))  # DINOv2-S / EfficientNet-Lite0 input size
 
     def _blend_embeds(self, prompt: str, rows: list[int]) -> dict[str, Any]:
         from vlhooks.blend import blend
