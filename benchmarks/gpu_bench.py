@@ -85,6 +85,11 @@ def zimage():
 
             r = paired(f"zimage {mode}{'+kv' if ad else ''} {n} tok x 30 blocks", plain, plain, setup, teardown)
             RESULTS[f"zimage_{mode}{'_kv' if ad else ''}_{n}_ratio"] = round(r, 4)
+            if mode == "joint" and n == 64:  # the same with the two-pass kernel off: the concatenation
+                os.environ["VLHOOKS_FUSED_ATTENTION"] = "0"
+                r = paired("zimage joint 64 tok x 30, two-pass kernel off", plain, plain, setup, teardown)
+                RESULTS["zimage_joint_64_concat_ratio"] = round(r, 4)
+                del os.environ["VLHOOKS_FUSED_ATTENTION"]
             del ad
         capn = torch.cat([cap, torch.randn(n, 2560, device=DEV, dtype=DT)])
 
@@ -130,13 +135,21 @@ def flux():
     state = {}
     kv = vh.KVAdapter.create(m, blocks="double")
     for key, label, cfg, ad in (
-        ("flux_vlhooks_ipadapter_ratio", "flux vlhooks decoupled+kv 128 x 19 double", vh.InjectionConfig(
-            blocks="double", mode="decoupled"), kv),
-        ("flux_vlhooks_57blocks_128_ratio", "flux vlhooks joint 128 x 57 blocks", vh.InjectionConfig(), None),
-        ("flux_vlhooks_19blocks_128_ratio", "flux vlhooks joint 128 x 19 double", vh.InjectionConfig(blocks="double"), None),
+        ("flux_vlhooks_ipadapter_ratio", "flux vlhooks decoupled+kv 128 x 19, block_output", lambda: vh.InjectionConfig(
+            blocks="double", mode="decoupled", placement="block_output"), kv),
+        ("flux_vlhooks_ipadapter_attention_placement_ratio", "flux vlhooks decoupled+kv 128 x 19, attention",
+         lambda: vh.InjectionConfig(blocks="double", mode="decoupled"), kv),
+        ("flux_vlhooks_57blocks_128_ratio", "flux vlhooks joint 128 x 57 blocks", lambda: vh.InjectionConfig(), None),
+        ("flux_vlhooks_19blocks_128_ratio", "flux vlhooks joint 128 x 19 double",
+         lambda: vh.InjectionConfig(blocks="double"), None),
     ):
-        r = paired(label, fwd, fwd, setup=lambda cfg=cfg, ad=ad: state.update(h=vh.apply_injection(m, feats, cfg, adapter=ad)),
-                   teardown=lambda: state.pop("h").remove())
+        try:
+            r = paired(label, fwd, fwd,
+                       setup=lambda cfg=cfg, ad=ad: state.update(h=vh.apply_injection(m, feats, cfg(), adapter=ad)),
+                       teardown=lambda: state.pop("h").remove())
+        except Exception as e:  # one row failing (e.g. an option an older vlhooks lacks) leaves the others
+            print(f"{label}: FAILED {type(e).__name__}: {e}", flush=True)
+            continue
         RESULTS[key] = round(r, 4)
     del m, kv
     torch.cuda.empty_cache()

@@ -5,7 +5,8 @@
 - the two-pass form: the block's own attention with its log-sum-exp, a second small pass over the extra keys,
   merged by `lerp(o_main, o_extra, sigmoid(lse_extra - lse_main))` (checked against the concatenated attention).
 
-    python benchmarks/micro_attention.py
+    python benchmarks/micro_attention.py          # everything above
+    python benchmarks/micro_attention.py fused    # only: vlhooks' two-pass kernel against the concatenation
 """
 
 from __future__ import annotations
@@ -120,5 +121,54 @@ def main():
                           f"max err vs concat {err:.2e}", flush=True)
 
 
+def fused():
+    """vlhooks' two-pass kernel (`vlhooks.fused_attention`: the block's own keys by cuDNN with its LSE, the extra
+    keys and the merge in one Triton kernel) against one SDPA call over the concatenated keys."""
+    import sys
+
+    from vlhooks import fused_attention
+
+    print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
+    for model, L, H in (("zimage", 4224, 30), ("flux", 4608, 24)):
+        for n in (64, 128, 256, 729):
+            q, k, v = (t.transpose(1, 2) for t in qkv(L, L, H))  # [1, L, H, D] views, as the processors hold them
+            ke = torch.randn(1, n, H, 128, device=DEV, dtype=DT)
+            ve = torch.randn(1, n, H, 128, device=DEV, dtype=DT)
+
+            def concat():
+                return F.scaled_dot_product_attention(q.transpose(1, 2), torch.cat([k, ke], 1).transpose(1, 2),
+                                                      torch.cat([v, ve], 1).transpose(1, 2))
+
+            def two_pass():
+                return fused_attention.joint_attention(q, k, v, ke, ve)
+
+            o1, lse1 = fused_attention._main_pass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = torch.empty_like(q)
+
+            def kernel_only():  # the Triton kernel alone (extra pass + merge), main pass precomputed
+                B, Lq, Hh, D = q.shape
+                fused_attention._kernel()[lambda meta: (-(-Lq // meta["BLOCK_M"]), B * Hh)](
+                    q, ke, ve, o1, lse1, out, q.stride(0), q.stride(1), q.stride(2), 0, ke.stride(1), ke.stride(2),
+                    0, ve.stride(1), ve.stride(2), o1.stride(0), o1.stride(2), o1.stride(1), lse1.stride(0),
+                    lse1.stride(1), lse1.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                    Hh, Lq, ke.shape[1], D ** -0.5 * 1.4426950408889634, HEAD_DIM=D)
+
+            with torch.no_grad():
+                err = (two_pass().float() - concat().transpose(1, 2).float()).abs().max().item()
+                t_kernel = timeit(kernel_only)
+                t_main = timeit(lambda: fused_attention._main_pass(q.transpose(1, 2), k.transpose(1, 2),
+                                                                   v.transpose(1, 2)))
+                t_plain = timeit(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                        v.transpose(1, 2)))
+                t_cat, t_two = timeit(concat), timeit(two_pass)
+            print(f"  {model} {L}+{n}: plain {t_plain:6.1f}  concatenated {t_cat:6.1f}  two-pass {t_two:6.1f} us "
+                  f"(+{t_cat - t_plain:5.1f} vs +{t_two - t_plain:5.1f}; main pass with LSE {t_main:6.1f}, kernel "
+                  f"{t_kernel:5.1f}); max diff {err:.1e}; "
+                  f"pays_off={fused_attention.pays_off(L, n)}", flush=True)
+    sys.stdout.flush()
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    fused() if sys.argv[1:] == ["fused"] else main()

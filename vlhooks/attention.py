@@ -34,6 +34,8 @@ class ExtraKV:
     lam: list[float] | torch.Tensor  # [R]
     key_mask: torch.Tensor | None  # [R, N] bool
     mode: str  # "joint" | "decoupled"
+    placement: str = "attention"  # "attention" | "block_output" (see `InjectionConfig.placement`)
+    image_len: int | None = None  # image tokens, last in the block's sequence (placement "block_output")
     make_kv: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     scratch: dict | None = None
 
@@ -45,6 +47,36 @@ class ExtraKV:
         if self.k is None:
             self.k, self.v = self.make_kv()
         return self
+
+
+def decoupled_output(q: torch.Tensor, extra: ExtraKV, sdpa: Sdpa, seq_dim: int = 1) -> torch.Tensor:
+    """The decoupled attention of queries `q` (`[B, L, H, Dh]`, or `[B, H, L, Dh]` with `seq_dim` 2) over the
+    extra K/V alone, times the strength; `q`'s layout, for the rows `extra.rows` (every row when `None`)."""
+    extra.materialize()
+    ek, ev = extra.k, extra.v  # [R, N, H, Dh]
+    if seq_dim == 2:
+        ek, ev = ek.transpose(1, 2), ev.transpose(1, 2)  # [R, H, N, Dh]
+    q_a = _take(q, extra.rows)
+    bias = None
+    if extra.key_mask is not None:
+        bias = torch.zeros(extra.key_mask.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~extra.key_mask, float("-inf"))[:, None, None, :]  # [R, 1, 1, N]
+    added = sdpa(q_a, ek.to(q.dtype), ev.to(q.dtype), bias)
+    if isinstance(extra.lam, list) and len(set(extra.lam)) == 1:
+        if extra.lam[0] != 1.0:  # strength 1: no multiply
+            added = added * extra.lam[0]
+    else:
+        added = added * _lam_tensor(extra.lam, added).view(-1, 1, 1, 1)
+    return added
+
+
+def add_rows(x: torch.Tensor, added: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+    """`x + added` on the batch rows `rows` (all rows when `None`); other rows are returned untouched."""
+    if rows is None:
+        return x + added
+    x = x.clone()
+    x[rows] = x[rows] + added
+    return x
 
 
 def appendable(extra: ExtraKV, base_mask: torch.Tensor | None) -> bool:
@@ -160,22 +192,7 @@ def attend_with_extras(
 
     if extra.mode == "decoupled":
         out = sdpa(q, k, v, base_mask)  # the block's own attention, untouched
-        q_a = _take(q, rows)
-        bias = None
-        if extra.key_mask is not None:
-            bias = torch.zeros(extra.key_mask.shape, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill(~extra.key_mask, float("-inf"))[:, None, None, :]  # [R, 1, 1, N]
-        added = sdpa(q_a, ek, ev, bias)  # same layout as out, R rows
-        if isinstance(extra.lam, list) and len(set(extra.lam)) == 1:
-            if extra.lam[0] != 1.0:  # strength 1: no multiply
-                added = added * extra.lam[0]
-        else:
-            added = added * _lam_tensor(extra.lam, out).view(-1, 1, 1, 1)
-        if rows is None:
-            return out + added
-        out = out.clone()
-        out[rows] = out[rows] + added
-        return out
+        return add_rows(out, decoupled_output(q, extra, sdpa, seq_dim), rows)
 
     # joint: the extra keys join the block's softmax
     q_a, k_a, v_a = _take(q, rows), _take(k, rows), _take(v, rows)

@@ -21,6 +21,7 @@ Schedule = Union[str, Callable[[float], float]]
 SCHEDULES = ("constant", "linear_decay", "cosine_decay", "step")
 MODES = ("joint", "decoupled")
 GUIDANCE = ("auto", "none", "cond_first", "uncond_first")
+PLACEMENTS = ("attention", "block_output")
 
 
 @dataclass
@@ -55,6 +56,12 @@ class InjectionConfig:
             marks whole unconditional calls (Flux true CFG); otherwise every row is conditional. `"none"`: every
             row is conditional. `"cond_first"` / `"uncond_first"`: the model batch is `[cond; uncond]` /
             `[uncond; cond]` halves. Unconditional rows get no injection unless negative features are given.
+        placement (`str`, defaults to `"attention"`):
+            Where a decoupled attention's output goes. `"attention"`: every query of the block (text and image,
+            after RoPE) attends to the extra K/V and the result joins the block's attention output, before its
+            output projection. `"block_output"` (decoupled mode, Flux): diffusers' IP-Adapter placement: only the
+            image tokens' queries (after qk-norm, before RoPE) attend, and the result times the strength is added
+            to the block's image-stream output, after the feed-forward, with no output projection and no gate.
     """
 
     blocks: BlockSelector = "all"
@@ -64,6 +71,7 @@ class InjectionConfig:
     scale: Union[float, dict[int, float]] = 1.0
     mode: Literal["joint", "decoupled"] = "joint"
     guidance: Literal["auto", "none", "cond_first", "uncond_first"] = "auto"
+    placement: Literal["attention", "block_output"] = "attention"
 
     def __post_init__(self) -> None:
         if isinstance(self.window, list):
@@ -90,6 +98,13 @@ class InjectionConfig:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}.")
         if self.guidance not in GUIDANCE:
             raise ConfigError(f"guidance must be one of {GUIDANCE}, got {self.guidance!r}.")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}.")
+        if self.placement == "block_output" and self.mode != "decoupled":
+            raise ConfigError(
+                "placement='block_output' adds a separate attention's output to the block's output; it needs "
+                "mode='decoupled' (joint mode has no separate output to place)."
+            )
         if not callable(self.schedule) and self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES} or a callable u -> factor, got {self.schedule!r}.")
         allowed = {"linear_decay": {"end"}, "cosine_decay": {"end"}, "step": {"at", "after"}}.get(

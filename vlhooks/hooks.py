@@ -3,7 +3,8 @@
 - `ProgressHook` on the transformer: before each denoiser call it reads the timestep (progress), the batch
   layout and the diffusers cache context (`"cond"` / `"uncond"`), and plans which rows get extra K/V.
 - `BlockHook` on each targeted block: before the block runs it sees what the attention never sees (`temb`,
-  `adaln_input`), computes the extra K/V for this block and step, and hands them to the block's processor.
+  `adaln_input`), computes the extra K/V for this block and step, and hands them to the block's processor;
+  after it runs it adds what the processor left for the block's output (placement `"block_output"`).
 
 Both hand their work to an `Injector` (`injection.py`); they hold no logic of their own.
 """
@@ -60,6 +61,9 @@ class BlockHook(ModelHook):
     def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
         self.injector.prepare_block(self.site, args, kwargs)
         return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        return self.injector.finish_block(self.site, output)
 
 
 class HookSet:

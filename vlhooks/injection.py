@@ -306,6 +306,7 @@ class Injector:
         proc = self.processors[site.name]
         proc.pending = None
         proc.normed = None
+        proc.to_block_output = None
         plan = self.plan
         if plan is None or self._embedding:
             return
@@ -335,8 +336,20 @@ class Injector:
         def make_kv():
             return projector.kv(fam, tf, site, hidden, args, kwargs, rows, cache)
 
+        placement = self.config.placement
+        image_len = fam.image_tokens(args, kwargs) if placement == "block_output" else None
         proc.pending = ExtraKV(k=None, v=None, rows=rows, lam=lam, key_mask=key_mask, mode=self.config.mode,
-                               make_kv=make_kv, scratch=self.forward_cache)
+                               placement=placement, image_len=image_len, make_kv=make_kv,
+                               scratch=self.forward_cache)
+
+    def finish_block(self, site: Site, output: Any) -> Any:
+        """The block's output, plus what its processor left for it (placement `"block_output"`)."""
+        proc = self.processors[site.name]
+        left, proc.to_block_output = proc.to_block_output, None
+        if left is None:
+            return output
+        added, rows = left
+        return self.family.add_to_block_output(site, output, added, rows)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -505,6 +518,11 @@ def apply_injection(
             "vh.remove_injection(model) first."
         )
     family = family_for(transformer)
+    if config.placement not in family.placements:
+        raise ConfigError(
+            f"placement={config.placement!r} is not implemented for {type(transformer).__name__} (it has "
+            f"{list(family.placements)}); use placement='attention'."
+        )
     sites = family.select(transformer, config.blocks)
     if isinstance(config.scale, dict):
         bad = sorted(set(config.scale) - {s.index for s in sites})

@@ -55,6 +55,8 @@ class DiTFamily:
     batched_guidance: str | None = None
     # preset name -> regex over site names; "all" is the family's main blocks
     presets: dict[str, str] = {}
+    # `InjectionConfig.placement` values the family's processors implement
+    placements: tuple[str, ...] = ("attention",)
 
     # ------------------------------------------------------------------ structure
     def matches(self, transformer: nn.Module) -> bool:
@@ -220,6 +222,15 @@ class DiTFamily:
         `caption` `[B, L, C]` (`caption_mask` `[B, L]` bool, True = real), `pooled` `[B, P]`."""
         raise NotImplementedError
 
+    def image_tokens(self, block_args: tuple, block_kwargs: dict) -> int:
+        """How many image tokens the block's attention sees, last in its sequence (placement `"block_output"`)."""
+        raise NotImplementedError
+
+    def add_to_block_output(self, site: Site, output: Any, added: torch.Tensor, rows: list[int] | None) -> Any:
+        """The block's `output` with `added` (`[R, L_img, D]`, rows `rows`) added to its image stream
+        (placement `"block_output"`). Only families listing that placement implement it."""
+        raise NotImplementedError
+
     def make_processor(self, site: Site, base: Any) -> Any:
         """The processor that replaces `base` on the site's attention module while patched."""
         raise NotImplementedError
@@ -249,14 +260,16 @@ class ExtrasState:
     """Mixin for the family processors: the per-call state shared with the injector's hooks.
 
     `pending` (an `ExtraKV` from the block hook), `captured_mod` (the block's modulation output, from the capture
-    hook), `normed` (`(hidden, text_norm(hidden))` from the block hook) and `active_mod` (the modulation, while the
-    extras' text path runs inside the processor)."""
+    hook), `normed` (`(hidden, text_norm(hidden))` from the block hook), `active_mod` (the modulation, while the
+    extras' text path runs inside the processor) and `to_block_output` (`(added, rows)` that the block hook adds to
+    the block's output, placement `"block_output"`)."""
 
     def _init_state(self) -> None:
         self.pending = None
         self.captured_mod = None
         self.active_mod = None
         self.normed = None
+        self.to_block_output = None
 
     def take(self):
         """`(extra, modulation)` of this call; clears both, so nothing leaks into a later call."""

@@ -23,7 +23,17 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from torch import nn
 
-from ..attention import appendable, attend_with_extras, can_write_into, joint_buffers, linear_into, plain_joint
+from .. import fused_attention
+from ..attention import (
+    add_rows,
+    appendable,
+    attend_with_extras,
+    can_write_into,
+    decoupled_output,
+    joint_buffers,
+    linear_into,
+    plain_joint,
+)
 from .base import DiTFamily, ExtrasState, Site, arg, register_family, rows_of
 
 
@@ -34,7 +44,11 @@ class FluxInjectionProcessor(ExtrasState, FluxAttnProcessor):
 
     Joint mode with nothing to gate appends the extra K/V without a second copy of the block's K/V: double blocks
     join them in the concatenation of text and image K/V the block makes anyway (RoPE's identity rows at the
-    extra keys); single blocks write their own K/V straight into `[1, L + N]` buffers."""
+    extra keys); single blocks write their own K/V straight into `[1, L + N]` buffers.
+
+    Placement `"block_output"` (diffusers' `FluxIPAdapterAttnProcessor`): the block's own attention is untouched;
+    the image tokens' queries after qk-norm and before RoPE attend to the extra K/V, and the result is left for the
+    block hook, which adds it to the block's image-stream output (`FluxFamily.add_to_block_output`)."""
 
     def __init__(self, base: Any):
         super().__init__()
@@ -62,6 +76,9 @@ class FluxInjectionProcessor(ExtrasState, FluxAttnProcessor):
             return self._single_joint(attn, hidden_states, image_rotary_emb, extra)
         one_concat = (encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
                       and appendable(extra, attention_mask))
+        fused = one_concat and self._fused(hidden_states, encoder_hidden_states.shape[1] + hidden_states.shape[1],
+                                           extra)
+        one_concat = one_concat and not fused
 
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
@@ -69,6 +86,9 @@ class FluxInjectionProcessor(ExtrasState, FluxAttnProcessor):
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, L, H, Dh]
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
+        if extra.placement == "block_output":  # image queries, before RoPE (and before a double block's [txt, img])
+            added = decoupled_output(query[:, query.shape[1] - extra.image_len:], extra, self._sdpa)
+            self.to_block_output = (added.flatten(2, 3).to(query.dtype), extra.rows)  # [R, L_img, D]
         if attn.added_kv_proj_dim is not None:
             encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
             encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
@@ -88,8 +108,12 @@ class FluxInjectionProcessor(ExtrasState, FluxAttnProcessor):
             else:
                 key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        if one_concat:
+        if fused:  # two passes merged in one kernel (see fused_attention)
+            hidden_states = fused_attention.joint_attention(query, key, value, extra.k, extra.v)
+        elif one_concat:
             hidden_states = self._sdpa(query, key, value, None)
+        elif extra.placement == "block_output":
+            hidden_states = self._sdpa(query, key, value, attention_mask)  # the block's own, as the base computes it
         else:
             hidden_states = attend_with_extras(query, key, value, attention_mask, extra, self._sdpa, seq_dim=1)
         return self._out(attn, hidden_states.flatten(2, 3).to(query.dtype), encoder_hidden_states)
@@ -101,12 +125,23 @@ class FluxInjectionProcessor(ExtrasState, FluxAttnProcessor):
         L = hidden_states.shape[1]
         query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim)))
+        if self._fused(hidden_states, L, extra):  # two passes merged in one kernel (see fused_attention)
+            value = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            out = fused_attention.joint_attention(query, key, value, extra.k, extra.v)
+            return out.flatten(2, 3).to(query.dtype)
         kbuf, vbuf = joint_buffers(key, L, extra)
         linear_into(vbuf[:, :L].flatten(2), hidden_states, attn.to_v)
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         _rope_into(kbuf[:, :L], key, image_rotary_emb)
         out = self._sdpa(query, kbuf, vbuf, None)
         return out.flatten(2, 3).to(query.dtype)
+
+    def _fused(self, like, length, extra) -> bool:
+        """Whether the two-pass kernel serves this call (joint, nothing to gate; `length` keys of the block's own)."""
+        return (self._attention_backend is None and fused_attention.usable(like, extra.materialize().k)
+                and fused_attention.pays_off(length, extra.k.shape[1]))
 
     def _sdpa(self, q, k, v, mask):
         return dispatch_attention_fn(
@@ -163,6 +198,7 @@ class FluxFamily(DiTFamily):
         "double": r"transformer_blocks\.\d+",
         "single": r"single_transformer_blocks\.\d+",
     }
+    placements = ("attention", "block_output")
 
     def sites(self, transformer):
         out = [Site(f"transformer_blocks.{i}", i, "double", "attn") for i in range(len(transformer.transformer_blocks))]
@@ -187,6 +223,13 @@ class FluxFamily(DiTFamily):
 
     def embed(self, transformer, tokens, mask, site, cache):
         return transformer.context_embedder(tokens)  # [B, N, D]
+
+    def image_tokens(self, block_args, block_kwargs):
+        return int(arg(block_args, block_kwargs, "hidden_states", 0).shape[1])  # both kinds: [txt, img] inside
+
+    def add_to_block_output(self, site, output, added, rows):
+        encoder_hidden_states, hidden_states = output  # both kinds return (text stream, image stream)
+        return encoder_hidden_states, add_rows(hidden_states, added, rows)
 
     @staticmethod
     def _norm(block, site):

@@ -19,6 +19,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 from torch import nn
 
+from .. import fused_attention
 from ..attention import attend_with_extras, can_write_into, joint_buffers, linear_into, plain_joint
 from ..errors import TargetError
 from .base import DiTFamily, ExtrasState, Site, arg, register_family, rows_of
@@ -61,10 +62,13 @@ class ZImageInjectionProcessor(ExtrasState, ZSingleStreamAttnProcessor):
         L = hidden_states.shape[1]
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # [B, L, H, Dh]
         key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-        # joint with nothing to gate: the block writes its own K/V straight into [1, L + N] buffers (no concat)
+        # joint with nothing to gate: two passes merged in one kernel on CUDA where that pays (see
+        # fused_attention); otherwise the block writes its own K/V straight into [1, L + N] buffers (no concat)
+        plain = plain_joint(extra, hidden_states.shape[0], attention_mask) and freqs_cis is not None
+        fused = (plain and self._attention_backend is None and fused_attention.usable(query, extra.k)
+                 and fused_attention.pays_off(L, extra.k.shape[1]))
         bufs = None
-        if (plain_joint(extra, hidden_states.shape[0], attention_mask) and freqs_cis is not None
-                and can_write_into(attn.to_v, hidden_states)):
+        if plain and not fused and can_write_into(attn.to_v, hidden_states):
             bufs = joint_buffers(key, L, extra)
             linear_into(bufs[1][:, :L].flatten(2), hidden_states, attn.to_v)
         value = bufs[1][:, :L] if bufs else attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
@@ -85,7 +89,9 @@ class ZImageInjectionProcessor(ExtrasState, ZSingleStreamAttnProcessor):
                 backend=self._attention_backend, parallel_config=self._parallel_config,
             )
 
-        if bufs:
+        if fused:
+            out = fused_attention.joint_attention(query, key, value, extra.k, extra.v)  # [B, L, H, Dh]
+        elif bufs:
             out = sdpa(query, bufs[0], bufs[1], None)  # = attend_with_extras' concatenation, without the copies
         else:
             out = attend_with_extras(query, key, value, attention_mask, extra, sdpa, seq_dim=1)

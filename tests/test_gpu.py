@@ -1,0 +1,146 @@
+"""CUDA-only paths, run on a GPU machine (skipped where there is none; CI has none): the two-pass joint attention
+kernel (`vlhooks.fused_attention`) against softmax attention over the concatenated keys in float64, and the Z-Image
+and Flux processors that use it against the same processors with it switched off (`VLHOOKS_FUSED_ATTENTION=0`:
+the concatenation every other test checks bit for bit).
+
+    python -m pytest -q tests/test_gpu.py      # on a CUDA machine with Triton
+"""
+
+import math
+
+import pytest
+import torch
+
+import vlhooks as vh
+from vlhooks import fused_attention
+from vlhooks.models import family_for
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+DEV, DT = "cuda", torch.bfloat16
+
+
+def _reference(q, k, v, ek, ev):
+    """float64 softmax attention of `q` over `[k; ek]` (`[B, L, H, Dh]` layouts, extras broadcast over rows)."""
+    B = q.shape[0]
+    k = torch.cat([k, ek.expand(B, -1, -1, -1)], 1).double().transpose(1, 2)
+    v = torch.cat([v, ev.expand(B, -1, -1, -1)], 1).double().transpose(1, 2)
+    logits = q.double().transpose(1, 2) @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return (logits.softmax(-1) @ v).transpose(1, 2)  # [B, L, H, Dh]
+
+
+@pytest.mark.parametrize("B,L,H,D,N,extra_rows", [(1, 1152, 4, 128, 64, 1), (2, 1024, 3, 64, 200, 1),
+                                                   (2, 640, 2, 128, 64, 2)])
+def test_two_pass_kernel_equals_concatenated_attention(B, L, H, D, N, extra_rows):
+    g = torch.Generator(DEV).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=DEV, dtype=DT)
+
+    q, k, v = rnd(B, L, H, D), rnd(B, L, H, D), rnd(B, L, H, D)
+    ek, ev = rnd(extra_rows, N, H, D) * 2, rnd(extra_rows, N, H, D)  # * 2: the extra keys take a real share
+    with torch.no_grad():
+        assert fused_attention.usable(q, ek)
+        got = fused_attention.joint_attention(q, k, v, ek, ev)
+        concat = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), torch.cat([k, ek.expand(B, -1, -1, -1)], 1).transpose(1, 2),
+            torch.cat([v, ev.expand(B, -1, -1, -1)], 1).transpose(1, 2)).transpose(1, 2)
+    ref = _reference(q, k, v, ek, ev)
+    main_only = _reference(q, k, v, ek[:, :0], ev[:, :0])
+    assert got.shape == (B, L, H, D) and got.is_contiguous()
+    err, err_concat = (got.double() - ref).abs().max().item(), (concat.double() - ref).abs().max().item()
+    assert err <= 2 * err_concat + 1e-3, (err, err_concat)  # as close as the stock kernel on the concatenation
+    assert (main_only - ref).abs().max().item() > 50 * err  # the extra keys matter far beyond the error
+
+
+def _zimage():
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    m = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=256, n_layers=2,
+                                 n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=16,
+                                 axes_dims=[32, 48, 48], axes_lens=[1024, 64, 64])
+    m = m.to(DEV, DT).eval()
+    g = torch.Generator(DEV).manual_seed(1)
+    x = [torch.randn(16, 1, 64, 64, generator=g, device=DEV, dtype=DT)]  # 1024 image tokens
+    cap = [torch.randn(128, 16, generator=g, device=DEV, dtype=DT)]  # 1024 + 128 = 1152 = 9 x 128 keys
+    t = torch.tensor([0.4], device=DEV)
+    return m, (lambda: m(x, t, cap, return_dict=False)[0][0]), 16
+
+
+def _flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=128,
+                               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                               axes_dims_rope=[16, 56, 56]).to(DEV, DT).eval()
+    g = torch.Generator(DEV).manual_seed(1)
+    hs = torch.randn(1, 1024, 4, generator=g, device=DEV, dtype=DT)
+    ehs = torch.randn(1, 128, 32, generator=g, device=DEV, dtype=DT)  # 128 + 1024 = 1152 keys
+    pooled = torch.randn(1, 32, generator=g, device=DEV, dtype=DT)
+    ids = torch.zeros(1024, 3, device=DEV)
+    ids[:, 1], ids[:, 2] = torch.arange(32, device=DEV).repeat_interleave(32), torch.arange(32, device=DEV).repeat(32)
+    ts = torch.full((1,), 0.6, device=DEV, dtype=DT)
+
+    def run():
+        return m(hs, ehs, pooled, ts, ids, torch.zeros(128, 3, device=DEV), return_dict=False)[0]
+
+    return m, run, 32
+
+
+@pytest.mark.parametrize("build", [_zimage, _flux], ids=["z_image", "flux"])
+def test_processors_take_the_kernel_and_agree_with_the_concatenation(build, monkeypatch):
+    """The first patched block's attention output, bf16 through the kernel and bf16 through the concatenation,
+    each against the same block in float32 (where the kernel does not apply): the kernel's path must be as close to
+    it as the concatenation's, and far closer than leaving the extra keys out. Later blocks run too (every patched
+    block takes the kernel) but are not compared: there bf16 drift of the whole model masks the attention."""
+    model, run, width = build()
+    n = 960  # 1152 + 960 keys: enough extra keys to change the block clearly (the kernel forced on: `always`)
+    tokens = torch.randn(1, n, width, device=DEV, generator=torch.Generator(DEV).manual_seed(2))
+    feats = vh.VLFeatures(tokens.to(DT))
+    first = family_for(model).sites(model)[0].attention(model)
+    seen = []
+    first.register_forward_hook(lambda m, a, out: seen.append(
+        torch.cat([o.flatten() for o in out]) if isinstance(out, tuple) else out.flatten()))
+    calls = []
+    real = fused_attention.joint_attention
+    monkeypatch.setattr(fused_attention, "joint_attention", lambda *a: calls.append(1) or real(*a))
+    cfg = vh.InjectionConfig(guidance="none")
+    with torch.no_grad():
+        plain_out = run()
+        monkeypatch.setenv("VLHOOKS_FUSED_ATTENTION", "0")
+        with vh.inject(model, feats, cfg):
+            run()
+        assert not calls
+        monkeypatch.setenv("VLHOOKS_FUSED_ATTENTION", "always")
+        with vh.inject(model, feats, cfg):
+            run()
+        assert torch.equal(run(), plain_out)  # removed: the plain model again
+        model.float()  # the same weights in float32; cast the inputs through a pre-hook
+        model.register_forward_pre_hook(
+            lambda m, a, kw: (tuple(_cast(x) for x in a), {k: _cast(v) for k, v in kw.items()}), with_kwargs=True)
+        run()
+        with vh.inject(model, vh.VLFeatures(tokens.float()), cfg):
+            run()
+    plain, concat, fused, _, plain_ref, ref = (x.double() for x in seen)
+    n_blocks = len(vh.list_sites(model)) if build is _flux else 2  # Z-Image: the 2 main layers
+    assert len(calls) == n_blocks
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    e_fused, e_concat, effect = rel(fused, ref), rel(concat, ref), rel(plain, ref)
+    assert e_fused <= 1.5 * e_concat + 1e-4, (e_fused, e_concat)
+    assert effect > 5 * e_fused, (effect, e_fused)
+    assert rel(plain_ref, ref) > 5 * e_fused  # the same in float32: the extra keys change this block clearly
+
+
+def _cast(x):
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.float()
+    if isinstance(x, list):
+        return [_cast(t) for t in x]
+    return x

@@ -1,0 +1,144 @@
+"""Joint attention with extra keys as two passes on CUDA: the block's own attention by cuDNN / flash with its
+log-sum-exp, then one Triton kernel that attends to the extra keys and merges the two by their log-sum-exps.
+
+Why: appending `N` keys to a block's `L` makes cuDNN's kernel ~10-15 % slower whenever `L + N` leaves a multiple of
+128 (partly empty tiles, bounds checks in every tile), far more than the extra keys' FLOPs. Two passes keep the
+stock kernel at its own key length; the merge
+
+    o = o_main + sigmoid(lse_extra - lse_main) * (o_extra - o_main)
+
+equals softmax attention over the concatenated keys up to rounding (bf16: about one ulp), and the kernel writes it
+in the `[B, L, H, Dh]` layout the block's output projection reads. Used by the family processors for joint mode with
+nothing to gate (every row, strength 1, no masks), eager inference on CUDA, when `pays_off`; everything else, and
+any machine without Triton, takes the concatenation. `VLHOOKS_FUSED_ATTENTION=0` switches it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+aten = torch.ops.aten
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    """The Triton kernel, compiled on first use; None where Triton is missing."""
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # CPU wheels of torch ship without Triton
+        return None
+
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=w, num_stages=2)
+                 for m, w in ((64, 4), (64, 8), (128, 8), (32, 4))],
+        key=["N", "HEAD_DIM"],
+    )
+    @triton.jit
+    def extra_merge(Q, K, V, O1, LSE1, OUT,
+                    sq_b, sq_l, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+                    so_b, so_l, so_h, sl_b, sl_h, sl_l, sout_b, sout_l, sout_h,
+                    H, L, N, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_m = offs_m < L
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :], mask=in_m[:, None], other=0.0)
+        # the main pass's output and LSE are loaded up front, so that their reads overlap the extra pass
+        lse_main = tl.load(LSE1 + b * sl_b + h * sl_h + offs_m * sl_l, mask=in_m, other=0.0)
+        o_main = tl.load(O1 + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :], mask=in_m[:, None],
+                         other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start in range(0, N, BLOCK_N):  # online softmax over the extra keys, in log2 units
+            offs_n = start + tl.arange(0, BLOCK_N)
+            in_n = offs_n < N
+            k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=in_n[:, None],
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+            s = tl.where(in_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=in_n[:, None],
+                        other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        lse_extra = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log, as the main pass returns it
+        o_main = o_main.to(tl.float32)
+        w = 1.0 / (1.0 + tl.exp(lse_main - lse_extra))  # the extra keys' share of the softmax mass
+        o = o_main + w[:, None] * (acc / l_i[:, None] - o_main)
+        tl.store(OUT + b * sout_b + h * sout_h + offs_m[:, None] * sout_l + offs_d[None, :],
+                 o.to(OUT.dtype.element_ty), mask=in_m[:, None])
+
+    return extra_merge
+
+
+def enabled() -> bool:
+    """`VLHOOKS_FUSED_ATTENTION`: `1` (default) where it pays off, `always` wherever usable, `0` never."""
+    return os.environ.get("VLHOOKS_FUSED_ATTENTION", "1") != "0"
+
+
+def pays_off(length: int, n_extra: int) -> bool:
+    """Whether two passes beat one concatenated call (measured: `benchmarks/micro_attention.py fused`): when the
+    block's own key length is a multiple of 128 and appending would leave it, for up to 128 extra keys (beyond,
+    the kernel's re-reading of the extra K/V per query tile costs more than the cliff)."""
+    if os.environ.get("VLHOOKS_FUSED_ATTENTION") == "always":
+        return 0 < n_extra <= 1024
+    return 0 < n_extra <= 128 and length % 128 == 0 and (length + n_extra) % 128 != 0
+
+
+def usable(x: torch.Tensor, extra_k: torch.Tensor) -> bool:
+    """Whether `joint_attention` can serve a block whose input is `x` (`[B, L, ...]`) with extra keys `extra_k`
+    (`[1 or B, N, H, Dh]`): CUDA, bf16 / fp16, head size 64 or 128, inference, eager, Triton present."""
+    return (
+        enabled() and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and extra_k.shape[-1] in (64, 128)
+        and extra_k.dtype == x.dtype and extra_k.shape[0] in (1, x.shape[0])
+        and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and _kernel() is not None
+    )
+
+
+def _main_pass(q, k, v):
+    """The block's own attention with its log-sum-exp (`[B, H, L]`, natural log): cuDNN, else flash.
+    `q, k, v` are `[B, H, L, Dh]` (views of the blocks' `[B, L, H, Dh]` tensors)."""
+    try:
+        out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+    except RuntimeError:
+        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
+    return out, lse.reshape(lse.shape[0], lse.shape[1], -1)
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor
+                    ) -> torch.Tensor:
+    """Softmax attention of `q` over `[k; ek]` and `[v; ev]`, as two passes (see the module docstring).
+
+    `q, k, v` `[B, L, H, Dh]` (the block's own), `ek, ev` `[1 or B, N, H, Dh]`. Returns `[B, Lq, H, Dh]`
+    contiguous. Call only where `usable`."""
+    B, Lq, H, D = q.shape
+    N = ek.shape[1]
+    o1, lse1 = _main_pass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, L, Dh], [B, H, L]
+    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    q, ek, ev, o1 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, ek, ev, o1))
+    sb_k = 0 if ek.shape[0] == 1 else ek.stride(0)  # one set of extras for every row
+    sb_v = 0 if ev.shape[0] == 1 else ev.stride(0)
+    kernel = _kernel()
+
+    def grid(meta):
+        return (-(-Lq // meta["BLOCK_M"]), B * H)
+
+    kernel[grid](q, ek, ev, o1, lse1, out,
+                 q.stride(0), q.stride(1), q.stride(2), sb_k, ek.stride(1), ek.stride(2),
+                 sb_v, ev.stride(1), ev.stride(2),
+                 o1.stride(0), o1.stride(2), o1.stride(1), lse1.stride(0), lse1.stride(1), lse1.stride(2),
+                 out.stride(0), out.stride(1), out.stride(2),
+                 H, Lq, N, D ** -0.5 * 1.4426950408889634, HEAD_DIM=D)
+    return out
