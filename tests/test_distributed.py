@@ -9,10 +9,19 @@ under FSDP). The tests then check the run against that record.
 FSDP on CPU: Lightning refuses `strategy='fsdp'` with `accelerator='cpu'` ("requires a GPU accelerator"), and
 its FSDP strategy hands torch the device index, None on CPU, which torch's FSDP refuses ("needs a non-CPU
 accelerator device"). Given `device_id=cpu`, torch's FSDP does run on CPU with gloo, so the FSDP runs here use
-`CPUFSDP`: `vlhooks train`'s own FSDP strategy with that one argument changed, passed as a class path. Everything
-else (the wrap policy `vlhooks train` sets, the gathering of the adapter for exports, samples and checkpoints, the
-safetensors checkpoint reader) is the code a GPU run uses, and the parameters are sharded for real across the two
-processes. On GPUs `--trainer.strategy fsdp` is all it takes.
+`CPUFSDP`: `vlhooks train`'s own FSDP strategy with that argument changed, and its checkpoints' optimizer state
+gathered without `offload_to_cpu` (which torch implements for GPUs only; see `CPUFSDP`), passed as a class path.
+Everything else (the wrap policy `vlhooks train` sets, the gathering of the adapter for exports, samples and
+checkpoints, the safetensors checkpoint reader and writer) is the code a GPU run uses, and the parameters are sharded
+for real across the two processes. On GPUs `--trainer.strategy fsdp` is all it takes (not run yet: no 2-GPU machine
+was available).
+
+FSDP gathers a unit's weights with a collective each time the unit runs, forward and backward, so both ranks must
+run the same units in the same order every step. Each rank draws its own image drops: the runs here include a step
+(step 3) in which every row of rank 0 drops its image and rank 1's do not, which is where FSDP used to hang: rank 0
+skipped the extras (their embedding through the context refiner, and any backward through the DiT) while rank 1
+gathered those units. Multi-process runs now keep such rows in the extras path at strength 0
+(`Injector.same_graph`); `test_two_process_run` checks that the step is there.
 """
 
 from __future__ import annotations
@@ -100,13 +109,35 @@ class Probe(L.Callback):
 
 
 class CPUFSDP(SafetensorsFSDPStrategy):
-    """`SafetensorsFSDPStrategy` wrapping with `device_id=cpu` (Lightning passes `root_device.index`, None on CPU)."""
+    """`SafetensorsFSDPStrategy` wrapping with `device_id=cpu` (Lightning passes `root_device.index`, None on CPU),
+    whose checkpoints gather the optimizer state without `offload_to_cpu`.
+
+    Lightning gathers full state dicts with `offload_to_cpu=True`, which torch's FSDP implements for a GPU: on
+    CPU its "copy to the CPU" returns the tensor itself, so the optimizer state's `exp_avg` and `exp_avg_sq` come
+    back as views of one reused gather buffer (both holding the last state gathered, so a resume would be wrong),
+    and a model's full state dict reads storage it has just freed (a segmentation fault; `vlhooks train` does not
+    gather the model's, see `SafetensorsFSDPStrategy.lightning_module_state_dict`). On a GPU the copy is real."""
 
     def _setup_model(self, model):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         return FSDP(model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
                     sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs)
+
+    def optimizer_state(self, optimizer):
+        """Lightning's `FSDPStrategy.optimizer_state` ("full" state dict type) with `offload_to_cpu=False`."""
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import StateDictType
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+                                  FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+            state = FSDP.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+            return state
 
 
 class _null:
@@ -146,6 +177,51 @@ def _recipe_model(recipe):
     return yaml.safe_load((ROOT / recipe).read_text())["model"]
 
 
+@pytest.mark.parametrize("recipe", ["configs/tiny/lora.yaml", "configs/tiny/projection.yaml"])
+def test_same_graph_runs_the_same_modules_and_switched_off_rows_add_nothing(recipe):
+    """`Injector.same_graph` (set in multi-process runs): a step whose rows all dropped the image runs the same
+    modules in the same order as one that injects (so FSDP gathers the same units), its loss equals the skipping
+    path's, and backward reaches every adapter parameter with a zero gradient."""
+    import vlhooks as vh
+    from vlhooks.train.module import AdapterModule
+
+    module = AdapterModule(**_recipe_model(recipe))
+    dit, fam = module.dit, module.family
+    handle = vh.apply_injection(dit, None, module.injection, adapter=module.adapter)
+    g = torch.Generator().manual_seed(0)
+    x, caption = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    sigma, feats = torch.tensor([0.3, 0.7]), vh.VLFeatures(torch.randn(2, 4, 16, generator=g))
+    order: list[str] = []
+    names = {m: n for n, m in dit.named_modules()}
+    hooks = [m.register_forward_pre_hook(lambda m, a: order.append(names[m])) for m in names]
+
+    def run(active, same_graph):
+        handle.injector.same_graph = same_graph
+        handle.set_features(feats, active=active)
+        order.clear()
+        module.adapter.zero_grad(set_to_none=True)
+        loss = fam.velocity(dit, x, sigma, caption).square().mean()
+        if loss.requires_grad:
+            loss.backward()
+        return loss.detach(), list(order), [p.grad for p in module.adapter.trainable_parameters()]
+
+    try:
+        on, on_order, on_grads = run([True, True], True)
+        off, off_order, off_grads = run([False, False], True)
+        skip, skip_order, _ = run([False, False], False)
+        half, _, _ = run([True, False], True)
+        half_skip, _, _ = run([True, False], False)
+    finally:
+        for h in hooks:
+            h.remove()
+        handle.remove()
+    assert off_order == on_order and len(skip_order) < len(on_order)
+    assert any(g.abs().sum() > 0 for g in on_grads)
+    assert all(g is not None and not g.any() for g in off_grads)
+    torch.testing.assert_close(off, skip, atol=1e-6, rtol=0)
+    torch.testing.assert_close(half, half_skip, atol=1e-6, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One 2-process run per (recipe, strategy), shared by the tests below."""
@@ -160,12 +236,16 @@ def runs(tmp_path_factory):
     return get
 
 
-# FSDP on 2 CPU processes: with `fsdp_units`'s policy the run shards the DiT and trains its first steps (the loss
-# is logged for steps 0-2), then both ranks hang inside backward, in FSDP's gradient reduce-scatter, before step
-# 3 ends: not diagnosed yet (CPU/gloo-only or a real mismatch of the units' gradient hooks). Skipped until it is.
-FSDP_HANGS = pytest.mark.skip(reason="2-process CPU FSDP hangs in backward's reduce-scatter at step 3 (undiagnosed)")
-CASES = [("configs/tiny/lora.yaml", "ddp"), ("configs/tiny/projection.yaml", "ddp"),
-         pytest.param("configs/tiny/lora.yaml", "fsdp", marks=FSDP_HANGS)]
+# lora: the extras' K/V through peft wrappers of the attention units' own to_k / to_v; projection: the adapter
+# feeds the extras' embedding, so backward also runs through the context refiner's units.
+CASES = [(f"configs/tiny/{adapter}.yaml", strategy) for strategy in ("ddp", "fsdp")
+         for adapter in ("lora", "projection")]
+
+
+def _dropped_all(info, model) -> list[bool]:
+    """Per step: whether every row of this rank dropped its image (the step's first draws decide it)."""
+    lo, hi = model["drop_image"] + model["drop_text"], model["drop_image"] + model["drop_text"] + model["drop_both"]
+    return [all(u < model["drop_image"] or lo <= u < hi for u in d[:2]) for _, d in info["draws"]]
 
 
 @pytest.mark.slow
@@ -208,6 +288,9 @@ def test_two_process_run(runs, recipe, strategy):
     for (s, d0), (_, d1) in zip(info0["draws"], info1["draws"]):
         assert d0 == torch.rand(4, generator=torch.Generator().manual_seed(s)).tolist()
         assert d0 != d1
+    # the run has a step in which one rank dropped every image and the other did not (FSDP's old hang)
+    drops = list(zip(_dropped_all(info0, _recipe_model(recipe)), _dropped_all(info1, _recipe_model(recipe))))
+    assert any(a != b for a, b in drops), drops
 
     # only rank 0 writes: checkpoints, adapter folders, samples, logs
     assert info1["writes"] == [], info1["writes"][:10]
@@ -236,10 +319,10 @@ def test_two_process_run(runs, recipe, strategy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=FSDP_HANGS)])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_resume_gives_the_same_adapter(runs, tmp_path, strategy):
     """2 steps, then `--ckpt_path last` to 4, equals 4 straight (the checkpoint holds the whole adapter and
-    optimizer state even when FSDP had them sharded)."""
+    optimizer state even when FSDP had them sharded, and FSDP scatters them back on resume)."""
     recipe = "configs/tiny/lora.yaml"
     _, straight, _, probe = runs(recipe, strategy)
     assert straight.returncode == 0, straight.stderr[-4000:]

@@ -102,7 +102,16 @@ class SafetensorsFSDPStrategy(FSDPStrategy):
     """Lightning's `FSDPStrategy`, unchanged except that a full (single-file) checkpoint is read through the
     strategy's `CheckpointIO`: Lightning's own FSDP reader opens the file with torch's pickle loader, which cannot
     read `SafetensorsCheckpointIO`'s files. Model and optimizer states are then loaded exactly as Lightning does
-    (full state dicts, re-keyed and scattered by torch's FSDP). `vlhooks train` substitutes it for `fsdp`."""
+    (full state dicts, re-keyed and scattered by torch's FSDP). When saving, the model's state dict is left to the
+    module (see `lightning_module_state_dict`). `vlhooks train` substitutes it for `fsdp`."""
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Empty for `AdapterModule`: its checkpoints hold the adapter only, which its `on_save_checkpoint` writes
+        into `state_dict` (gathered through `full_adapter`). Lightning's own gathers every FSDP unit, the whole
+        frozen DiT, to rank 0 at every save, for the module to discard it."""
+        if hasattr(self.lightning_module, "full_adapter"):
+            return {}
+        return super().lightning_module_state_dict()
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))

@@ -12,7 +12,10 @@ Several GPUs: `--trainer.strategy ddp --trainer.devices N` (Lightning starts the
 its own shard of the data, through Lightning's distributed sampler, with its own noise). `--trainer.strategy fsdp`
 shards the frozen DiT: the run uses Lightning's FSDP strategy with a wrap policy for the recipe's DiT (see
 `fsdp_units`; the adapter stays in the root unit) and the safetensors checkpoint reader
-(`SafetensorsFSDPStrategy`); not yet verified (on 2 CPU processes it hangs in backward after a few steps).
+(`SafetensorsFSDPStrategy`). In every multi-process run every rank runs the same graph each step (a row whose image
+is dropped still computes the extras, at strength 0), since each FSDP unit's gather is a collective. Verified on
+2 CPU processes (gloo, `tests/test_distributed.py`: identical adapters on both ranks, an untouched DiT, a loadable
+export, an exact resume); not yet run on several GPUs (no 2-GPU machine was available).
 Only global rank 0 writes checkpoints, adapter folders, samples and logs.
 """
 
@@ -35,23 +38,51 @@ from .sampling import SampleImages
 
 def fsdp_units(module: AdapterModule) -> list[torch.nn.Module]:
     """The DiT's modules that `fsdp` makes FSDP units: the DiT itself, and in every block each child with
-    weights except its norms and modulation (so: the attention, the feed-forwards / MLP projections).
+    weights except its norms and modulation (so: the attention, the feed-forwards / MLP projections), except in
+    the blocks the extras' embedding runs (`_embedding_blocks`: Z-Image's context refiner).
 
-    Every rank must gather the same units the same number of times per step (each gather is a collective), and
-    a unit's weights exist only while its own forward runs. The injection code runs a block's norms and
-    modulation on the injected tokens outside that block's forward, and only on steps where the rank injects
-    something (not when all its rows dropped the image), so those stay in the DiT's unit, gathered once per DiT
-    forward. The attention's unit holds its K/V linears, which the adapters (LoRA through them) call inside the
-    attention's forward. The adapter is in no unit of its own: it stays in the root unit (FSDP flattens a unit
-    into one tensor of one dtype, so a bf16 DiT and an fp32 adapter cannot share one; the all-frozen DiT units
-    get no gradient buffers)."""
+    Every rank must gather the same units the same number of times per step (each gather is a collective): in
+    a multi-process run the injection keeps every row in the extras path (`Injector.same_graph`, set by
+    `AdapterModule.on_fit_start`), so the extras' embedding and the backward through the blocks happen on every
+    rank, also when all of a rank's rows dropped the image. A unit's weights exist only while its own forward
+    runs, and once per forward: the injection code runs a block's norms and modulation on the injected tokens
+    outside that block's forward, and the embedding runs its blocks on the features before the DiT runs them on
+    the caption, so those stay in the DiT's unit, gathered once per DiT forward. (A unit run twice per forward,
+    first with gradients (the embedding, under a projection adapter) then without (the caption), is not
+    gathered again in backward: torch's FSDP re-gathers a unit in backward only if its last forward's outputs
+    needed gradients.) The attention's unit holds its K/V linears, which the adapters (LoRA through them) call
+    inside the attention's forward. The adapter is in no unit of its own: it stays in the root unit (FSDP
+    flattens a unit into one tensor of one dtype, so a bf16 DiT and an fp32 adapter cannot share one; the
+    all-frozen DiT units get no gradient buffers)."""
     dit = module.dit
     units = [dit]
+    skip = _embedding_blocks(module)
     for site in module.family.sites(dit):
+        if id(site.block(dit)) in skip:
+            continue
         for name, child in site.block(dit).named_children():
             if any(True for _ in child.parameters()) and not any(w in name.lower() for w in ("norm", "adaln", "mod")):
                 units.append(child)
     return units
+
+
+def _embedding_blocks(module: AdapterModule) -> set[int]:
+    """`id`s of the site blocks that the family's `embed` runs on the features (Z-Image: its context refiner; Flux
+    and SD3: none), found by embedding one zero token per embedding of the sites, without gradients."""
+    dit, fam = module.dit, module.family
+    sites = fam.sites(dit)
+    seen: set[int] = set()
+    hooks = [site.block(dit).register_forward_pre_hook(lambda m, args: seen.add(id(m))) for site in sites]
+    p = next(dit.parameters())
+    tokens = torch.zeros(1, 1, fam.caption_width(dit), dtype=p.dtype, device=p.device)
+    try:
+        with torch.no_grad():
+            for site in {fam.embed_key(s): s for s in sites}.values():
+                fam.embed(dit, tokens, None, site, {})
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 class VLHooksCLI(LightningCLI):

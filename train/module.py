@@ -149,6 +149,13 @@ class AdapterModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.handle is None:
             self.handle = vh.apply_injection(self.dit, None, self.injection, adapter=self.adapter)
+        # Several processes: every rank runs the same graph every step. A row whose image is dropped (or that is
+        # outside the injection window) still computes the extras, at strength 0 (an exact zero contribution),
+        # instead of skipping them. Otherwise a rank whose rows all dropped their image skips the extras' embedding
+        # (the context refiner) and has nothing in its DiT to backpropagate through, while the other rank gathers
+        # those FSDP units: FSDP's gathers and reduce-scatters are collectives, and the ranks hang. One process
+        # (and every test that compares bit for bit) keeps the exact skip.
+        self.handle.injector.same_graph = self.trainer.world_size > 1
         if self.hparams.ema_decay and self.ema is None:
             with self.full_adapter():
                 self.ema = [p.detach().clone() for p in self.adapter.trainable_parameters()]
@@ -221,12 +228,13 @@ class AdapterModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self._step_generator())
-        if self._trainer is not None and self.trainer.world_size > 1:
-            # A rank on which nothing was injected this step (every image dropped, or every row outside the
-            # injection window) would leave the adapter out of its graph, while DDP's gradient reduction and
-            # FSDP's reduce-scatter are collectives every rank must join. A zero term keeps every adapter
-            # parameter in every rank's graph (the loss is unchanged; a parameter nothing used gets a zero
-            # gradient instead of none), so plain `ddp` needs no find_unused_parameters.
+        if self._trainer is not None and (self.trainer.world_size > 1 or not loss.requires_grad):
+            # DDP's gradient reduction and FSDP's reduce-scatter are collectives every rank must join. The ranks
+            # run the same graph (`same_graph`, set in `on_fit_start`); a zero term also keeps every adapter
+            # parameter in it where nothing uses one (e.g. a block at scale 0): the loss is unchanged, such a
+            # parameter gets a zero gradient instead of none, and plain `ddp` needs no find_unused_parameters.
+            # One process: only when nothing was injected this step (every row dropped its image, or is outside
+            # the injection window), whose loss would otherwise have no graph for Lightning's backward.
             loss = loss + 0.0 * sum(p.sum() for p in self.adapter.trainable_parameters())
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["latents"].shape[0])
         return loss

@@ -56,12 +56,15 @@ class SampleImages(L.Callback):
         pl_module.eval()
         try:
             pl_module.handle.set_features(vh.VLFeatures(feats))
-            with pl_module.full_adapter():  # FSDP: the adapter whole on every rank
+            # the precision plugin's forward context, as in a training step (FSDP's bf16 mixed precision casts the
+            # DiT's weights for compute and relies on autocast for the inputs); the adapter whole on every rank
+            with trainer.precision_plugin.forward_context(), pl_module.full_adapter():
                 out = euler_sample(pl_module.family, pl_module.dit, cap, mask, tuple(lat.shape), self.steps, self.seed)
         finally:
             pl_module.train(was_training)
         if not trainer.is_global_zero:
             return
+        out = out.float()
         tiles = [np.concatenate([_to_uint8(lat[i]), _to_uint8(out[i])], 0) for i in range(len(rows))]
         img = Image.fromarray(np.concatenate(tiles, 1))
         img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)

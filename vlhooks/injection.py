@@ -113,6 +113,12 @@ class Injector:
         self.features: VLFeatures | None = None
         self.negative: VLFeatures | None = None
         self.active: list[bool] | None = None  # per feature row; False = that row injects nothing (image drop)
+        # True: a conditional row that injects nothing in a call (switched off by `active`, or outside the window)
+        # stays in the plan with strength 0 (its extra keys get a -inf logit; a decoupled output is multiplied by
+        # 0) instead of leaving it, so every call runs the extras through the same modules whatever the data.
+        # Sharded training (FSDP) needs it: gathering a unit's weights is a collective, so every rank must run the
+        # same units in the same order, forward and backward. Off: such rows skip the extras (exact and faster).
+        self.same_graph = False
         self.cache: dict = {}  # timestep-independent tensors: valid until the features change
         self.plan: _Plan | None = None
         self.forward_cache: dict = {}  # embeddings for the current call when the cache must not persist
@@ -261,13 +267,16 @@ class Injector:
         n_pos = self.features.batch_size
         n_neg = 0 if self.negative is None else self.negative.batch_size
         n_c, n_u = roles.count("c"), roles.count("u")
-        rows, frows, kc, ku = [], [], 0, 0
+        rows, frows, off, kc, ku = [], [], set(), 0, 0  # off: rows kept at strength 0 (same_graph)
         for i, role in enumerate(roles):
             if role == "c":
                 f = self._feature_row(kc, n_c, n_pos, "features")
-                if self.active is None or self.active[f]:
+                on = self.active is None or self.active[f]
+                if on or self.same_graph:
                     rows.append(i)
                     frows.append(f)
+                    if not on:
+                        off.add(i)
                 kc += 1
             else:
                 if n_neg:
@@ -277,17 +286,21 @@ class Injector:
         if not rows:
             return
         if compiling and self.config.always_full():
-            factors: list[float] | torch.Tensor = [1.0] * len(rows)  # nothing to gate: no bias, fastest kernels
+            # nothing to gate (unless same_graph kept rows at 0): no bias, fastest kernels
+            factors: list[float] | torch.Tensor = [0.0 if r in off else 1.0 for r in rows]
         elif compiling:
             # no host sync under compile: strengths stay tensors; zero strength becomes a -inf bias
             factor = self.config.factor_tensor(fam.read_progress(args, kwargs))  # [B] or [1]
             factor = factor.expand(batch) if factor.shape[0] == 1 else factor
             factors = factor[rows]
+            if off:
+                factors = factors * torch.tensor([r not in off for r in rows], dtype=factors.dtype,
+                                                 device=factors.device)
         else:
             prog = fam.read_progress_list(args, kwargs)
             prog = prog * batch if len(prog) == 1 else prog
-            all_f = [self.config.factor(p) for p in prog]
-            keep = [j for j, r in enumerate(rows) if all_f[r] > 0.0]
+            all_f = [0.0 if r in off else self.config.factor(p) for r, p in enumerate(prog)]
+            keep = [j for j, r in enumerate(rows) if all_f[r] > 0.0 or self.same_graph]
             if not keep:
                 return
             rows = [rows[j] for j in keep]
