@@ -107,6 +107,12 @@ def usable(x: torch.Tensor, extra_k: torch.Tensor) -> bool:
     )
 
 
+def applies(backend, x: torch.Tensor, length: int, extra_k: torch.Tensor) -> bool:
+    """The processors' one test: the block uses diffusers' default attention backend (`backend` None), the kernel
+    can serve these tensors (`usable`), and two passes beat appending the extra keys to `length` own keys."""
+    return backend is None and usable(x, extra_k) and pays_off(length, extra_k.shape[1])
+
+
 def _main_pass(q, k, v):
     """The block's own attention with its log-sum-exp (`[B, H, L]`, natural log): cuDNN, else flash.
     `q, k, v` are `[B, H, L, Dh]` (views of the blocks' `[B, L, H, Dh]` tensors)."""

@@ -140,8 +140,7 @@ class FluxInjectionProcessor(ExtrasState, FluxAttnProcessor):
 
     def _fused(self, like, length, extra) -> bool:
         """Whether the two-pass kernel serves this call (joint, nothing to gate; `length` keys of the block's own)."""
-        return (self._attention_backend is None and fused_attention.usable(like, extra.materialize().k)
-                and fused_attention.pays_off(length, extra.k.shape[1]))
+        return fused_attention.applies(self._attention_backend, like, length, extra.materialize().k)
 
     def _sdpa(self, q, k, v, mask):
         return dispatch_attention_fn(

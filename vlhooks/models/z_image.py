@@ -65,8 +65,7 @@ class ZImageInjectionProcessor(ExtrasState, ZSingleStreamAttnProcessor):
         # joint with nothing to gate: two passes merged in one kernel on CUDA where that pays (see
         # fused_attention); otherwise the block writes its own K/V straight into [1, L + N] buffers (no concat)
         plain = plain_joint(extra, hidden_states.shape[0], attention_mask) and freqs_cis is not None
-        fused = (plain and self._attention_backend is None and fused_attention.usable(query, extra.k)
-                 and fused_attention.pays_off(L, extra.k.shape[1]))
+        fused = plain and fused_attention.applies(self._attention_backend, query, L, extra.k)
         bufs = None
         if plain and not fused and can_write_into(attn.to_v, hidden_states):
             bufs = joint_buffers(key, L, extra)
