@@ -23,14 +23,14 @@ def test_schedules_follow_their_formulas(p):
     for name, value in expected.items():
         cfg = vh.InjectionConfig(window=(w0, w1), schedule=name)
         want = value if inside else 0.0
-        assert cfg.factor(p) == pytest.approx(want, abs=1e-12)
-        assert cfg.factor_tensor(torch.tensor([p]))[0].item() == pytest.approx(want, abs=1e-6)
+        assert cfg.strength_at(p) == pytest.approx(want, abs=1e-12)
+        assert cfg.strength_tensor(torch.tensor([p]))[0].item() == pytest.approx(want, abs=1e-6)
     cfg = vh.InjectionConfig(window=(w0, w1), schedule=lambda u: u * u)
-    assert cfg.factor(p) == pytest.approx(u * u if inside else 0.0)
+    assert cfg.strength_at(p) == pytest.approx(u * u if inside else 0.0)
     cfg = vh.InjectionConfig(window=(w0, w1), schedule="linear_decay", schedule_params={"end": 0.5})
-    assert cfg.factor(p) == pytest.approx((1.0 - 0.5 * u) if inside else 0.0)
+    assert cfg.strength_at(p) == pytest.approx((1.0 - 0.5 * u) if inside else 0.0)
     cfg = vh.InjectionConfig(window=(w0, w1), schedule="step", schedule_params={"at": 0.25, "after": 0.3})
-    assert cfg.factor(p) == pytest.approx((1.0 if u < 0.25 else 0.3) if inside else 0.0)
+    assert cfg.strength_at(p) == pytest.approx((1.0 if u < 0.25 else 0.3) if inside else 0.0)
 
 
 def test_config_round_trip():

@@ -33,9 +33,10 @@ class IPAdapterProjector(ZeroShotProjector):
     def embed(self, family, transformer, tokens, mask, site, cache):
         return tokens
 
-    def kv(self, family, transformer, site, hidden, block_args, block_kwargs, rows, cache):
-        p, attn = self.processors[site.name], site.attention(transformer)
-        return p.to_k_ip[0](hidden).unflatten(-1, (attn.heads, -1)), p.to_v_ip[0](hidden).unflatten(-1, (attn.heads, -1))
+    def kv(self, call):
+        p, attn = self.processors[call.site.name], call.site.attention(call.transformer)
+        x = call.embedded  # [R, N, F]: the raw tokens (embed is the identity here)
+        return p.to_k_ip[0](x).unflatten(-1, (attn.heads, -1)), p.to_v_ip[0](x).unflatten(-1, (attn.heads, -1))
 
 
 def _ip_model(scale: float, seed: int = 0):
@@ -116,7 +117,6 @@ def test_single_block_output_is_the_image_queries_attention_added_after_the_bloc
         n_img = plain_img.shape[1]
         cfg = vh.InjectionConfig(blocks=[2], mode="decoupled", placement="block_output", scale=0.5, guidance="none")
         with vh.inject(model, vh.VLFeatures(feats), cfg) as handle:
-            proc = handle.injector.processors[site]
             kv = {}
             real_kv = handle.injector.projector.kv
 
@@ -129,7 +129,6 @@ def test_single_block_output_is_the_image_queries_attention_added_after_the_bloc
             output(model, kw)
             hb.remove()
         got_txt, got_img = seen_b["block"][2]
-        assert proc.to_block_output is None  # consumed by the block hook
     attn = block.attn
     q = attn.norm_q(attn.to_q(x).unflatten(-1, (attn.heads, -1)))[:, -n_img:]  # [1, L_img, H, Dh], no RoPE
     k, v = kv["kv"]

@@ -23,17 +23,20 @@ def _demo(argv: list[str]) -> int:
 
 
 def _sites(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vlhooks sites", description="List the injectable blocks of a tiny model of a family.")
-    p.add_argument("family", choices=["z_image", "flux", "sd3"])
+    from .models import families
+
+    names = [f.name for f in families()]
+    p = argparse.ArgumentParser(prog="vlhooks sites", description="List the injectable blocks of a family's "
+                                "full-size DiT (built on the meta device: no weights are read or made).")
+    p.add_argument("family", choices=names)
     a = p.parse_args(argv)
     import torch
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, ZImageTransformer2DModel
 
     import vlhooks as vh
+    from .models import family_named
 
-    cls = {"z_image": ZImageTransformer2DModel, "flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel}[a.family]
     with torch.device("meta"):
-        model = cls()  # full-size defaults, no weights
+        model = family_named(a.family).transformer_class()()  # full-size defaults, no weights
     for i, name in enumerate(vh.list_sites(model)):
         print(f"{i:3d}  {name}")
     for preset, names in vh.list_presets(model).items():

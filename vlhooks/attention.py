@@ -1,72 +1,90 @@
 """The attention math shared by every family's injection processor.
 
-Owns `ExtraKV` (what a block hook hands to its processor) and `attend_with_extras`, which extends one attention
+Owns `BlockCall` (what a block hook hands to its processor) and `attend_with_extras`, which extends one attention
 call with extra keys/values in joint or decoupled mode. The family processors own everything before (projections,
 norms, RoPE) and after (output projections); this module never touches a module's weights.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .models.base import DiTFamily, Site
 
 Sdpa = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass
-class ExtraKV:
-    """Extra keys/values for one block and one forward call.
+class BlockCall:
+    """One targeted block in one forward call: what the block hook hands to the block's processor.
 
-    `k`, `v` are `[R, N, H, Dh]` for the `R` batch rows that receive them (`rows`, or every row when `None`, in
-    order). `lam` is the per-row strength: Python floats (eager) or a `[R]` tensor (under `torch.compile`, where
-    nothing may sync with the host). `key_mask` marks real extra tokens.
+    The block hook (`hooks.BlockHook`) builds it before the block runs, from the injector's plan; the
+    modulation hook fills in `modulation` (the block's own modulation output, which the extras' text path
+    reuses instead of computing it twice); the attention hook passes it to the processor as its `block_call`
+    argument; the processor computes the extra K/V through `extra_kv()` (the projector's `kv(call)`, which may
+    call the family's text path with this same object) and, for placement `"block_output"`, leaves `block_output`
+    for the block hook to add after the block.
 
-    The block hook may leave `k`, `v` unset and hand over `make_kv` instead: the processor calls it (through
-    `materialize`) once the block has computed its own modulation, which the text path then reuses. `scratch` is
-    a dict shared by the blocks of one forward call (tables built once per call).
+    `rows` are the model rows that receive extras (every row when `None`, in order); `strength` their strength:
+    Python floats (eager) or a `[R]` tensor (under `torch.compile`, where nothing may sync with the host).
+    `embedded` is the extra tokens as the caption stream entering this block, `pre_normed` the family's
+    timestep-independent pre-norm of exactly that tensor (both cached per generation). `cache` lives as long as
+    the features (timestep-independent tensors); `scratch` as long as one forward call.
     """
 
-    k: torch.Tensor | None  # [R, N, H, Dh]
-    v: torch.Tensor | None  # [R, N, H, Dh]
+    site: Site
+    transformer: nn.Module
+    family: "DiTFamily"
+    projector: Any
+    block_args: tuple
+    block_kwargs: dict
     rows: list[int] | None
-    lam: list[float] | torch.Tensor  # [R]
-    key_mask: torch.Tensor | None  # [R, N] bool
+    strength: list[float] | torch.Tensor  # [R]
+    embedded: torch.Tensor  # [R, N, D]
+    pre_normed: torch.Tensor | None  # [R, N, D]
+    key_mask: torch.Tensor | None  # [R, N] bool, True = real extra token
     mode: str  # "joint" | "decoupled"
     placement: str = "attention"  # "attention" | "block_output" (see `InjectionConfig.placement`)
     image_len: int | None = None  # image tokens, last in the block's sequence (placement "block_output")
-    make_kv: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    cache: dict = field(default_factory=dict)
     scratch: dict | None = None
+    modulation: Any = None  # the block's own modulation output of this call, `[B or 1, ...]`
+    block_output: tuple[torch.Tensor, list[int] | None] | None = None  # (added [R, L_img, D], rows)
+    k: torch.Tensor | None = None  # [R, N, H, Dh]
+    v: torch.Tensor | None = None  # [R, N, H, Dh]
 
-    def lam_is_one(self) -> bool:
-        return isinstance(self.lam, list) and all(x == 1.0 for x in self.lam)
-
-    def materialize(self) -> "ExtraKV":
-        """Compute `k`, `v` from `make_kv` if the hook deferred them."""
+    def extra_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The extra K/V `[R, N, H, Dh]`, computed once (by the projector) on first use."""
         if self.k is None:
-            self.k, self.v = self.make_kv()
-        return self
+            self.k, self.v = self.projector.kv(self)
+        return self.k, self.v
+
+    def strength_is_one(self) -> bool:
+        return isinstance(self.strength, list) and all(x == 1.0 for x in self.strength)
 
 
-def decoupled_output(q: torch.Tensor, extra: ExtraKV, sdpa: Sdpa, seq_dim: int = 1) -> torch.Tensor:
+def decoupled_output(q: torch.Tensor, call: BlockCall, sdpa: Sdpa, seq_dim: int = 1) -> torch.Tensor:
     """The decoupled attention of queries `q` (`[B, L, H, Dh]`, or `[B, H, L, Dh]` with `seq_dim` 2) over the
-    extra K/V alone, times the strength; `q`'s layout, for the rows `extra.rows` (every row when `None`)."""
-    extra.materialize()
-    ek, ev = extra.k, extra.v  # [R, N, H, Dh]
+    extra K/V alone, times the strength; `q`'s layout, for the rows `call.rows` (every row when `None`)."""
+    ek, ev = call.extra_kv()  # [R, N, H, Dh]
     if seq_dim == 2:
         ek, ev = ek.transpose(1, 2), ev.transpose(1, 2)  # [R, H, N, Dh]
-    q_a = _take(q, extra.rows)
+    q_a = _take(q, call.rows)
     bias = None
-    if extra.key_mask is not None:
-        bias = torch.zeros(extra.key_mask.shape, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(~extra.key_mask, float("-inf"))[:, None, None, :]  # [R, 1, 1, N]
+    if call.key_mask is not None:
+        bias = torch.zeros(call.key_mask.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~call.key_mask, float("-inf"))[:, None, None, :]  # [R, 1, 1, N]
     added = sdpa(q_a, ek.to(q.dtype), ev.to(q.dtype), bias)
-    if isinstance(extra.lam, list) and len(set(extra.lam)) == 1:
-        if extra.lam[0] != 1.0:  # strength 1: no multiply
-            added = added * extra.lam[0]
+    if isinstance(call.strength, list) and len(set(call.strength)) == 1:
+        if call.strength[0] != 1.0:  # strength 1: no multiply
+            added = added * call.strength[0]
     else:
-        added = added * _lam_tensor(extra.lam, added).view(-1, 1, 1, 1)
+        added = added * _strength_tensor(call.strength, added).view(-1, 1, 1, 1)
     return added
 
 
@@ -79,30 +97,30 @@ def add_rows(x: torch.Tensor, added: torch.Tensor, rows: list[int] | None) -> to
     return x
 
 
-def appendable(extra: ExtraKV, base_mask: torch.Tensor | None) -> bool:
+def appendable(call: BlockCall, base_mask: torch.Tensor | None) -> bool:
     """Whether joint attention needs nothing but the extra keys appended to the block's own: every row,
     strength 1, no padding, no mask of the block's own (so no bias)."""
     return (
-        extra.mode == "joint" and extra.rows is None and extra.key_mask is None and extra.lam_is_one()
+        call.mode == "joint" and call.rows is None and call.key_mask is None and call.strength_is_one()
         and base_mask is None
     )
 
 
-def plain_joint(extra: ExtraKV, batch: int, base_mask: torch.Tensor | None) -> bool:
+def plain_joint(call: BlockCall, batch: int, base_mask: torch.Tensor | None) -> bool:
     """`appendable`, and one batch row: a row range of a `[1, L + N, ...]` buffer is then contiguous, so a GEMM
     can write its part of the keys/values in place (see `linear_into`)."""
-    return batch == 1 and appendable(extra, base_mask)
+    return batch == 1 and appendable(call, base_mask)
 
 
-def joint_buffers(like: torch.Tensor, length: int, extra: ExtraKV) -> tuple[torch.Tensor, torch.Tensor]:
+def joint_buffers(like: torch.Tensor, length: int, call: BlockCall) -> tuple[torch.Tensor, torch.Tensor]:
     """`[1, length + N, H, Dh]` key and value buffers whose last `N` rows already hold the extra K/V; the block
     writes its own `length` rows in place, which saves concatenating K and V afterwards."""
-    extra.materialize()
-    n, H, D = extra.k.shape[1], extra.k.shape[2], extra.k.shape[3]
+    ek, ev = call.extra_kv()
+    n, H, D = ek.shape[1], ek.shape[2], ek.shape[3]
     kbuf = like.new_empty(1, length + n, H, D)
     vbuf = like.new_empty(1, length + n, H, D)
-    kbuf[:, length:].copy_(extra.k)
-    vbuf[:, length:].copy_(extra.v)
+    kbuf[:, length:].copy_(ek)
+    vbuf[:, length:].copy_(ev)
     return kbuf, vbuf
 
 
@@ -129,19 +147,19 @@ def linear_into(out: torch.Tensor, x: torch.Tensor, linear: torch.nn.Module) -> 
     return True
 
 
-def _lam_tensor(lam: list[float] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(lam, torch.Tensor):
-        return lam.to(device=like.device, dtype=like.dtype)
-    return torch.tensor(lam, device=like.device, dtype=like.dtype)
+def _strength_tensor(strength: list[float] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(strength, torch.Tensor):
+        return strength.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(strength, device=like.device, dtype=like.dtype)
 
 
-def _extra_bias(extra: ExtraKV, like: torch.Tensor) -> torch.Tensor:
-    """Additive logit bias for the extra keys: `log(lam)` per row, `-inf` on padded tokens. `[R, N]`."""
-    R, N = extra.k.shape[0], extra.k.shape[1]
-    lam = _lam_tensor(extra.lam, like)  # [R]
-    bias = torch.log(lam)[:, None].expand(R, N)  # log(0) = -inf: the row is excluded
-    if extra.key_mask is not None:
-        bias = bias.masked_fill(~extra.key_mask, float("-inf"))
+def _extra_bias(call: BlockCall, like: torch.Tensor) -> torch.Tensor:
+    """Additive logit bias for the extra keys: `log(strength)` per row, `-inf` on padded tokens. `[R, N]`."""
+    R, N = call.k.shape[0], call.k.shape[1]
+    strength = _strength_tensor(call.strength, like)  # [R]
+    bias = torch.log(strength)[:, None].expand(R, N)  # log(0) = -inf: the row is excluded
+    if call.key_mask is not None:
+        bias = bias.masked_fill(~call.key_mask, float("-inf"))
     return bias
 
 
@@ -172,27 +190,26 @@ def attend_with_extras(
     k: torch.Tensor,
     v: torch.Tensor,
     base_mask: torch.Tensor | None,
-    extra: ExtraKV,
+    call: BlockCall,
     sdpa: Sdpa,
     seq_dim: int,
 ) -> torch.Tensor:
     """One attention call with extra keys/values.
 
     `q, k, v` are the block's own tensors in its layout (`seq_dim` 1: `[B, L, H, Dh]`, 2: `[B, H, L, Dh]`);
-    `sdpa(q, k, v, mask)` is the block's own attention function. Rows outside `extra.rows` are computed exactly as
+    `sdpa(q, k, v, mask)` is the block's own attention function. Rows outside `call.rows` are computed exactly as
     the unpatched block computes them.
     """
     B = q.shape[0]
-    extra.materialize()
-    ek, ev = extra.k, extra.v  # [R, N, H, Dh]
+    ek, ev = call.extra_kv()  # [R, N, H, Dh]
     if seq_dim == 2:
         ek, ev = ek.transpose(1, 2), ev.transpose(1, 2)  # [R, H, N, Dh]
     ek, ev = ek.to(k.dtype), ev.to(v.dtype)
-    rows = extra.rows
+    rows = call.rows
 
-    if extra.mode == "decoupled":
+    if call.mode == "decoupled":
         out = sdpa(q, k, v, base_mask)  # the block's own attention, untouched
-        return add_rows(out, decoupled_output(q, extra, sdpa, seq_dim), rows)
+        return add_rows(out, decoupled_output(q, call, sdpa, seq_dim), rows)
 
     # joint: the extra keys join the block's softmax
     q_a, k_a, v_a = _take(q, rows), _take(k, rows), _take(v, rows)
@@ -200,12 +217,12 @@ def attend_with_extras(
     R = q_a.shape[0]
     k_cat = torch.cat([k_a, ek], dim=seq_dim)
     v_cat = torch.cat([v_a, ev], dim=seq_dim)
-    if mask_a is None and extra.key_mask is None and extra.lam_is_one():
+    if mask_a is None and call.key_mask is None and call.strength_is_one():
         bias = None
     else:
         L = k_a.shape[seq_dim]
         base = _base_bias(mask_a, R, L, q)  # [R, 1, 1, L]
-        ext = _extra_bias(extra, q)[:, None, None, :]  # [R, 1, 1, N]
+        ext = _extra_bias(call, q)[:, None, None, :]  # [R, 1, 1, N]
         bias = torch.cat([base, ext.expand(R, 1, 1, ext.shape[-1])], dim=-1)
     out_a = sdpa(q_a, k_cat, v_cat, bias)
     if rows is None:

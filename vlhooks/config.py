@@ -107,6 +107,8 @@ class InjectionConfig:
             )
         if not callable(self.schedule) and self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES} or a callable u -> factor, got {self.schedule!r}.")
+        if not isinstance(self.schedule_params, dict):
+            raise ConfigError(f"schedule_params must be a dict, got {type(self.schedule_params).__name__}.")
         allowed = {"linear_decay": {"end"}, "cosine_decay": {"end"}, "step": {"at", "after"}}.get(
             self.schedule if isinstance(self.schedule, str) else "", set()
         )
@@ -115,16 +117,30 @@ class InjectionConfig:
             raise ConfigError(
                 f"schedule_params {sorted(unknown)} are not used by schedule {self.schedule!r}; allowed: {sorted(allowed)}."
             )
+        for k, x in self.schedule_params.items():
+            if not _is_real(x) or not 0.0 <= float(x) <= 1.0:
+                raise ConfigError(
+                    f"schedule_params[{k!r}] = {x!r}: it must be a number in [0, 1] (`end` / `after`: the factor "
+                    "at the window's end / after the step, `at`: the step's position in the window)."
+                )
+        if callable(self.schedule):
+            for u in (0.0, 0.5, 1.0):
+                check_factor(self.schedule, u)
         scales = self.scale.values() if isinstance(self.scale, dict) else [self.scale]
         for s in scales:
-            if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(float(s)):
+            if not _is_real(s):
                 raise ConfigError(f"scale must be a finite float or a dict {{block index: float}}, got {self.scale!r}.")
             if self.mode == "joint" and s < 0:
                 raise ConfigError(
                     f"scale {s} < 0 in joint mode: the scale is a log(scale) logit bias and must be >= 0. "
                     "Use mode='decoupled' for a negative weight."
                 )
-        if isinstance(self.scale, dict) and not all(isinstance(k, int) for k in self.scale):
+            if self.mode == "decoupled" and abs(float(s)) > MAX_DECOUPLED_SCALE:
+                raise ConfigError(
+                    f"scale {s} in decoupled mode is beyond +-{MAX_DECOUPLED_SCALE:g}: the added attention would "
+                    "swamp the block's own output (non-finite in half precision). Use a scale of a few units at most."
+                )
+        if isinstance(self.scale, dict) and not all(isinstance(k, int) and not isinstance(k, bool) for k in self.scale):
             raise ConfigError(f"scale dict keys must be block indices (int), got {list(self.scale)!r}.")
         b = self.blocks
         if isinstance(b, list):
@@ -137,21 +153,22 @@ class InjectionConfig:
     def in_window(self, progress: float) -> bool:
         return self.window[0] <= progress <= self.window[1]
 
-    def factor(self, progress: float) -> float:
-        """Strength factor at `progress` (0 outside the window), before the per-block scale."""
+    def strength_at(self, progress: float) -> float:
+        """The schedule's strength at `progress` (0 outside the window), before the per-block scale."""
         if not self.in_window(progress):
             return 0.0
         start, end = self.window
         u = 0.0 if end == start else (progress - start) / (end - start)
+        if callable(self.schedule):
+            return check_factor(self.schedule, u)
         return float(_schedule_fn(self.schedule, self.schedule_params)(u))
 
-    def factor_tensor(self, progress: torch.Tensor) -> torch.Tensor:
-        """Tensor form of `factor` (no host sync), used under `torch.compile`."""
+    def strength_tensor(self, progress: torch.Tensor) -> torch.Tensor:
+        """Tensor form of `strength_at` (no host sync), used under `torch.compile`."""
         start, end = self.window
         inside = (progress >= start) & (progress <= end)
         u = torch.zeros_like(progress) if end == start else (progress - start) / (end - start)
         u = u.clamp(0.0, 1.0)
-        fn = _schedule_fn(self.schedule, self.schedule_params)
         if self.schedule == "constant":
             f = torch.ones_like(u)
         elif self.schedule == "linear_decay":
@@ -163,7 +180,8 @@ class InjectionConfig:
             f = torch.where(u < self.schedule_params.get("at", 0.5), 1.0, self.schedule_params.get("after", 0.0))
             f = f.to(u.dtype)
         else:  # a user callable: evaluated per element on the host
-            f = torch.tensor([float(fn(float(x))) for x in u.tolist()], dtype=u.dtype, device=u.device)
+            f = torch.tensor([check_factor(self.schedule, float(x)) for x in u.tolist()], dtype=u.dtype,
+                             device=u.device)
         return torch.where(inside, f, torch.zeros_like(f))
 
     def always_full(self) -> bool:
@@ -188,12 +206,50 @@ class InjectionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InjectionConfig":
+        """The inverse of `to_dict` (also reads configs saved by older versions: missing keys take defaults)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"an injection config must be a dict of InjectionConfig fields, got {type(d).__name__}.")
         d = dict(d)
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(
+                f"unknown InjectionConfig keys {unknown}; known: {sorted(cls.__dataclass_fields__)} (a config "
+                "written by a newer vlhooks? upgrade vlhooks to read it)."
+            )
         if isinstance(d.get("scale"), dict):
-            d["scale"] = {int(k): float(v) for k, v in d["scale"].items()}
-        if "window" in d:
+            try:
+                d["scale"] = {int(k): float(v) for k, v in d["scale"].items()}
+            except (TypeError, ValueError):
+                raise ConfigError(f"scale must map block indices to numbers, got {d['scale']!r}.") from None
+        if isinstance(d.get("window"), list):
             d["window"] = tuple(d["window"])
         return cls(**d)
+
+
+MAX_DECOUPLED_SCALE = 1e3
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def check_factor(schedule: Callable[[float], float], u: float) -> float:
+    """A callable schedule's factor at `u`, checked: it must take one float and return a number in [0, 1]."""
+    try:
+        value = schedule(u)
+    except Exception as e:
+        raise ConfigError(
+            f"the schedule callable raised {type(e).__name__}: {e} at u={u:g}; it must take one float u in [0, 1] "
+            "(the position inside the window) and return a factor in [0, 1]."
+        ) from e
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if not _is_real(value) or not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(
+            f"the schedule callable returned {value!r} at u={u:g}; it must return a finite number in [0, 1] "
+            "(0 = no injection, 1 = full strength; set the strength itself with `scale`)."
+        )
+    return float(value)
 
 
 def _schedule_fn(schedule: Schedule, params: dict[str, float]) -> Callable[[float], float]:

@@ -1,16 +1,19 @@
 """The diffusers `ModelHook`s vlhooks registers, and their registration / exact removal.
 
-- `ProgressHook` on the transformer: before each denoiser call it reads the timestep (progress), the batch
-  layout and the diffusers cache context (`"cond"` / `"uncond"`), and plans which rows get extra K/V.
-- `BlockHook` on each targeted block: before the block runs it sees what the attention never sees (`temb`,
-  `adaln_input`), computes the extra K/V for this block and step, and hands them to the block's processor;
-  after it runs it adds what the processor left for the block's output (placement `"block_output"`).
+- `ProgressHook` on the transformer: before each denoiser call it hands the call's arguments and diffusers'
+  cache context (`"cond"` / `"uncond"`) to the injector, which plans which rows get extra K/V at what strength.
+- Per targeted block, three hooks share one `SiteSlot` (the block's `BlockCall` of the current call):
+  `BlockHook` on the block builds the call before the block runs (it sees what the attention never sees:
+  `temb`, `adaln_input`) and, after it ran, adds what the processor left for the block's output;
+  `ModulationHook` on the block's modulation layer records its output in the call (the extras' text path reuses
+  it); `AttentionHook` on the attention module passes the call to the processor as its `block_call` argument.
 
-Both hand their work to an `Injector` (`injection.py`); they hold no logic of their own.
+The hooks hold no logic of their own: the injector builds and finishes calls, the processor uses them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from diffusers.hooks import HookRegistry, ModelHook
@@ -18,11 +21,14 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
 if TYPE_CHECKING:
-    from .injection import Injector
+    from .attention import BlockCall
+    from .injector import Injector
     from .models.base import Site
 
 PROGRESS_HOOK = "vlhooks.progress"
 BLOCK_HOOK = "vlhooks.block"
+MODULATION_HOOK = "vlhooks.modulation"
+ATTENTION_HOOK = "vlhooks.attention"
 
 
 class _NoState(BaseState):
@@ -50,20 +56,53 @@ class ProgressHook(ModelHook):
         return module
 
 
-class BlockHook(ModelHook):
-    """Block-level hook: computes this block's extra K/V for this call and hands them to its processor."""
+@dataclass
+class SiteSlot:
+    """The `BlockCall` of one site while its block runs (None outside the block, or when nothing is injected)."""
 
-    def __init__(self, injector: "Injector", site: "Site"):
+    call: "BlockCall | None" = None
+
+
+class BlockHook(ModelHook):
+    """Block-level hook: builds the block's `BlockCall` before it runs; finishes it after."""
+
+    def __init__(self, injector: "Injector", site: "Site", slot: SiteSlot):
         super().__init__()
-        self.injector = injector
-        self.site = site
+        self.injector, self.site, self.slot = injector, site, slot
 
     def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
-        self.injector.prepare_block(self.site, args, kwargs)
+        self.slot.call = self.injector.block_call(self.site, args, kwargs)
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        return self.injector.finish_block(self.site, output)
+        call, self.slot.call = self.slot.call, None
+        return output if call is None else self.injector.finish_block(call, output)
+
+
+class ModulationHook(ModelHook):
+    """On the block's modulation layer (`DiTFamily.modulation_module`): records its output in the block's call."""
+
+    def __init__(self, slot: SiteSlot):
+        super().__init__()
+        self.slot = slot
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        if self.slot.call is not None:
+            self.slot.call.modulation = output
+        return output
+
+
+class AttentionHook(ModelHook):
+    """On the block's attention module: passes the block's call to the processor (`block_call=`)."""
+
+    def __init__(self, slot: SiteSlot):
+        super().__init__()
+        self.slot = slot
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple[Any], dict[str, Any]]:
+        if self.slot.call is not None:
+            kwargs["block_call"] = self.slot.call
+        return args, kwargs
 
 
 class HookSet:

@@ -1,8 +1,19 @@
 """Trained adapters: the projector role of `apply_injection` with weights, saved as peft-style folders."""
 
-from .base import Adapter, AdapterConfig, AdapterError, load_adapter
-from .kv import KVAdapter
-from .lora import LoRAAdapter
-from .projection import ProjectionAdapter
+from .base import (
+    ADAPTER_TYPES,
+    Adapter,
+    AdapterConfig,
+    Options,
+    create_adapter,
+    load_adapter,
+    read_config,
+    register_adapter,
+)
+from .kv import KVAdapter, KVOptions
+from .lora import LoRAAdapter, LoRAOptions
+from .projection import ProjectionAdapter, ProjectionOptions
 
-__all__ = ["Adapter", "AdapterConfig", "AdapterError", "load_adapter", "KVAdapter", "LoRAAdapter", "ProjectionAdapter"]
+__all__ = ["ADAPTER_TYPES", "Adapter", "AdapterConfig", "Options", "create_adapter", "load_adapter", "read_config",
+           "register_adapter", "KVAdapter", "KVOptions", "LoRAAdapter", "LoRAOptions", "ProjectionAdapter",
+           "ProjectionOptions"]

@@ -6,36 +6,57 @@ RoPE stay the model's own; an optional `ProjectionAdapter` in front maps other f
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 from torch import nn
 
-from .base import Adapter, AdapterConfig, register_adapter
-from .projection import ProjectionAdapter
+from ..errors import AdapterError
+from .base import Adapter, AdapterConfig, Options, register_adapter
+from .projection import ProjectionAdapter, ProjectionOptions
 
 
 def _key(site_name: str) -> str:
     return site_name.replace(".", "_")
 
 
+@dataclass
+class KVOptions(Options):
+    """`shapes`: per site `[in_features, out_features, bias]` of its K/V projections. `projection`: a
+    `ProjectionOptions` dict for a projection in front (feature widths other than the caption width), or None."""
+
+    shapes: dict
+    projection: dict | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shapes, dict) or not all(
+                isinstance(v, list) and len(v) == 3 for v in self.shapes.values()):
+            raise AdapterError(f"kv option shapes must map sites to [in, out, bias], got {self.shapes!r}.")
+        if self.projection is not None:
+            ProjectionOptions.from_dict(self.projection)
+
+
 @register_adapter("kv")
 class KVAdapter(Adapter):
     """Own `to_k` / `to_v` per site, trained on the injected tokens only."""
 
+    options_class = KVOptions
+
     def __init__(self, config: AdapterConfig):
         super().__init__(config)
-        shapes = config.options["shapes"]  # site -> [in, out, bias]
+        shapes = config.options.shapes  # site -> [in, out, bias]
         self.k = nn.ModuleDict({_key(s): nn.Linear(i, o, bias=b) for s, (i, o, b) in shapes.items()})
         self.v = nn.ModuleDict({_key(s): nn.Linear(i, o, bias=b) for s, (i, o, b) in shapes.items()})
-        p = config.options.get("projection")
+        p = config.options.projection
         self.projection = None
         if p is not None:
             self.projection = ProjectionAdapter(AdapterConfig("projection", config.dit_class, config.feature_width,
-                                                              config.caption_width, options=p))
+                                                              config.caption_width, ProjectionOptions(**p)))
 
     @classmethod
-    def create(cls, transformer: nn.Module, blocks="all", feature_width: int | None = None,
+    def create(cls, transformer: nn.Module, feature_width: int | None = None, blocks="all",
                projection: dict | None = None) -> "KVAdapter":
-        """Copy the text K/V projections of the blocks `blocks` selects (an `InjectionConfig.blocks` value)."""
+        """Copy the text K/V projections of the blocks `blocks` selects (an `InjectionConfig.blocks` value); a
+        `projection` (`ProjectionOptions` fields) in front maps features of another width (linear by default)."""
         from ..models import family_for
 
         fam = family_for(transformer)
@@ -47,8 +68,9 @@ class KVAdapter(Adapter):
         for s in sites:
             k, _ = fam.kv_linears(transformer, s)
             shapes[s.name] = [k.in_features, k.out_features, k.bias is not None]
-        cfg = AdapterConfig("kv", type(transformer).__name__, width, fam.caption_width(transformer),
-                            sites=[s.name for s in sites], options={"shapes": shapes, "projection": projection})
+        opts = KVOptions(shapes, None if projection is None else ProjectionOptions(**projection).to_dict())
+        cfg = AdapterConfig("kv", type(transformer).__name__, width, fam.caption_width(transformer), opts,
+                            sites=[s.name for s in sites])
         adapter = cls(cfg)
         for s in sites:
             k, v = fam.kv_linears(transformer, s)
@@ -56,10 +78,6 @@ class KVAdapter(Adapter):
             adapter.v[_key(s.name)].load_state_dict(copy.deepcopy(v.state_dict()))
         p = next(transformer.parameters())
         return adapter.to(device=p.device, dtype=p.dtype)
-
-    @classmethod
-    def from_config(cls, config: AdapterConfig) -> "KVAdapter":
-        return cls(config)
 
     def embed(self, family, transformer, tokens, mask, site, cache):
         if self.projection is None:
@@ -69,8 +87,9 @@ class KVAdapter(Adapter):
     def output_mask(self, mask):
         return mask if self.projection is None else self.projection.output_mask(mask)
 
-    def kv(self, family, transformer, site, hidden, block_args, block_kwargs, rows, cache):
-        x = family.text_input(transformer, site, hidden, block_args, block_kwargs, rows)  # [R, N, D]
-        kp, vp = self.k[_key(site.name)], self.v[_key(site.name)]
+    def kv(self, call):
+        x = call.family.text_input(call)  # [R, N, D]
+        kp, vp = self.k[_key(call.site.name)], self.v[_key(call.site.name)]
         x = x.to(kp.weight.dtype)
-        return family.finish_kv(transformer, site, kp(x).to(hidden.dtype), vp(x).to(hidden.dtype), cache)
+        dtype = call.embedded.dtype
+        return call.family.finish_kv(call, kp(x).to(dtype), vp(x).to(dtype))

@@ -1,114 +1,175 @@
 """`LoRAAdapter`: a peft LoRA on the injected tokens' K/V path only.
 
 A plain peft LoRA installed on a block's `add_k_proj` would change the keys of every text token too. Here peft's
-`lora.Linear` wraps the block's own K/V projection inside the adapter and is called on the injected tokens alone;
-the model's modules are not replaced. `lora_B` starts at zero (peft's default), so step 0 is exactly zero-shot.
-Only the `lora_` weights are trained and saved.
+`lora.Linear` wraps the block's own K/V projection and is called on the injected tokens alone; the model's modules
+are not replaced. The adapter's module tree holds only the `lora_A` / `lora_B` layers: the peft wrappers (which
+hold the DiT's own projection as `base_layer`) are kept outside it, so `adapter.to(...)`, `adapter.half()` or
+`adapter.requires_grad_(...)` never reach the DiT. `lora_B` starts at zero (peft's default), so step 0 is exactly
+zero-shot. Weights are saved under peft's names without the adapter name: `<site>.<k|v>.lora_A.weight`.
 """
 
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from .base import Adapter, AdapterConfig, AdapterError, register_adapter
+from ..errors import AdapterError
+from .base import Adapter, AdapterConfig, Options, check_state, register_adapter
+
+PEFT_NAME = "default"  # peft's adapter name inside the wrappers (never saved)
+
+
+@dataclass
+class LoRAOptions(Options):
+    """peft's `r`, `lora_alpha` and `lora_dropout`."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise AdapterError(f"lora rank must be a positive int, got {self.rank!r}.")
+        if not isinstance(self.alpha, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
+            raise AdapterError(f"lora alpha must be a number and dropout in [0, 1), got {self.alpha!r}, {self.dropout!r}.")
 
 
 def _key(site_name: str, which: str) -> str:
+    """The module-dict key of one site's K or V LoRA (dots are not allowed there)."""
     return site_name.replace(".", "_") + "__" + which
+
+
+def saved_name(site_name: str, which: str, ab: str) -> str:
+    """The saved name of a LoRA weight: `<site>.<k|v>.lora_<A|B>.weight` (peft's, without the adapter name)."""
+    return f"{site_name}.{which}.lora_{ab}.weight"
 
 
 @register_adapter("lora")
 class LoRAAdapter(Adapter):
     """LoRA deltas on the K/V projections of chosen blocks, applied to injected tokens only."""
 
+    options_class = LoRAOptions
+
     def __init__(self, config: AdapterConfig):
         super().__init__(config)
-        self.wrappers = nn.ModuleDict()
-        self._pending: dict[str, torch.Tensor] | None = None
-        self._bound_to: int | None = None
+        o: LoRAOptions = config.options
+        self.lora_A = nn.ModuleDict()  # key -> Linear(in, r), created when bound (their widths are the DiT's)
+        self.lora_B = nn.ModuleDict()  # key -> Linear(r, out)
+        self.lora_dropout = nn.ModuleDict()  # key -> Dropout or Identity (here, so train() / eval() reach it)
+        self._wrappers: dict[str, LoraLinear] = {}  # outside the module tree: they hold the DiT's own layers
+        self._bound_to: weakref.ref | None = None
+        self._pending: dict[str, torch.Tensor] | None = None  # loaded weights waiting for `bind`
+        self._lora_config = LoraConfig(r=o.rank, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=["_"])
 
     @classmethod
-    def create(cls, transformer: nn.Module, blocks="all", rank: int = 8, alpha: float = 8.0,
-               dropout: float = 0.0) -> "LoRAAdapter":
+    def create(cls, transformer: nn.Module, feature_width: int | None = None, blocks="all", rank: int = 8,
+               alpha: float = 8.0, dropout: float = 0.0) -> "LoRAAdapter":
+        """LoRA on the text K/V projections of the blocks `blocks` selects; it takes caption-width features (put a
+        projection adapter in front for other widths)."""
         from ..models import family_for
 
         fam = family_for(transformer)
         sites = fam.select(transformer, blocks)
         width = fam.caption_width(transformer)
-        cfg = AdapterConfig("lora", type(transformer).__name__, width, width, sites=[s.name for s in sites],
-                            options={"rank": int(rank), "alpha": float(alpha), "dropout": float(dropout)})
+        if feature_width not in (None, width):
+            raise AdapterError(f"a lora adapter takes caption-width features ({width}), got feature_width "
+                               f"{feature_width}; use a kv adapter with a projection, or a projection adapter.")
+        cfg = AdapterConfig("lora", type(transformer).__name__, width, width,
+                            LoRAOptions(int(rank), float(alpha), float(dropout)), sites=[s.name for s in sites])
         adapter = cls(cfg)
         adapter.bind(fam, transformer)
         return adapter
 
-    @classmethod
-    def from_config(cls, config: AdapterConfig) -> "LoRAAdapter":
-        return cls(config)
-
     def bind(self, family, transformer) -> None:
         """Wrap the model's own K/V projections of the adapter's sites (once per model)."""
-        if self._bound_to == id(transformer):
-            return
         if self._bound_to is not None:
+            if self._bound_to() is transformer:
+                return
             raise AdapterError("this LoRA adapter is bound to another model; load it again for this one.")
-        o = self.config.options
-        lcfg = LoraConfig(r=o["rank"], lora_alpha=o["alpha"], lora_dropout=o["dropout"], target_modules=["_"])
+        o: LoRAOptions = self.config.options
         sites = {s.name: s for s in family.sites(transformer)}
         for name in self.config.sites:
             k, v = family.kv_linears(transformer, sites[name])
             for which, base in (("k", k), ("v", v)):
-                w = LoraLinear(base, "default", config=lcfg, r=o["rank"], lora_alpha=o["alpha"],
-                               lora_dropout=o["dropout"])
-                p = base.weight
-                for n, prm in w.named_parameters():
-                    if "lora_" in n:
-                        prm.data = prm.data.to(device=p.device)
-                self.wrappers[_key(name, which)] = w
-        self._bound_to = id(transformer)
+                w = LoraLinear(base, PEFT_NAME, config=self._lora_config, r=o.rank, lora_alpha=o.alpha,
+                               lora_dropout=o.dropout)
+                key = _key(name, which)
+                self.lora_A[key] = w.lora_A[PEFT_NAME].to(device=base.weight.device)
+                self.lora_B[key] = w.lora_B[PEFT_NAME].to(device=base.weight.device)
+                self.lora_dropout[key] = w.lora_dropout[PEFT_NAME]
+                self._wrappers[key] = w
+        self._bound_to = weakref.ref(transformer)
         if self._pending is not None:
-            self._assign(self._pending)
-            self._pending = None
+            state, self._pending = self._pending, None
+            self._assign(state)
 
-    def kv(self, family, transformer, site, hidden, block_args, block_kwargs, rows, cache):
-        self.bind(family, transformer)
-        x = family.text_input(transformer, site, hidden, block_args, block_kwargs, rows)  # [R, N, D]
-        k = self.wrappers[_key(site.name, "k")](x)
-        v = self.wrappers[_key(site.name, "v")](x)
-        return family.finish_kv(transformer, site, k, v, cache)
+    def kv(self, call):
+        self.bind(call.family, call.transformer)
+        x = call.family.text_input(call)  # [R, N, D]
+        k = self._wrappers[_key(call.site.name, "k")](x)
+        v = self._wrappers[_key(call.site.name, "v")](x)
+        return call.family.finish_kv(call, k, v)
 
-    def trainable_parameters(self):
-        return [p for n, p in self.named_parameters() if "lora_" in n]
+    # ------------------------------------------------------------------ weights, under peft's saved names
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._bound_to is None:
+            raise AdapterError("bind the LoRA adapter to its model (apply_injection does) before reading its weights.")
+        out = {}
+        for name in self.config.sites:
+            for which in ("k", "v"):
+                key = _key(name, which)
+                out[saved_name(name, which, "A")] = tuple(self.lora_A[key].weight.shape)
+                out[saved_name(name, which, "B")] = tuple(self.lora_B[key].weight.shape)
+        return out
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         if self._bound_to is None:
-            return dict(self._pending or self._expected_shapes())
-        return {k: v for k, v in self.state_dict().items() if "lora_" in k}
+            if self._pending is None:
+                self._expected_shapes()  # raises: nothing to return yet
+            return dict(self._pending)
+        out = {}
+        for name in self.config.sites:
+            for which in ("k", "v"):
+                key = _key(name, which)
+                out[saved_name(name, which, "A")] = self.lora_A[key].weight
+                out[saved_name(name, which, "B")] = self.lora_B[key].weight
+        return out
 
-    def _expected_shapes(self) -> dict[str, torch.Tensor]:
-        raise AdapterError("bind the LoRA adapter to its model (apply_injection does) before reading its weights.")
+    def module_state(self, state):
+        names = {saved_name(s, w, ab): f"lora_{ab}.{_key(s, w)}.weight" for s in self.config.sites
+                 for w in ("k", "v") for ab in ("A", "B")}
+        return {names.get(k, k): t for k, t in state.items()}
+
+    @classmethod
+    def upgrade_state(cls, state, config):
+        """Format 1 named the weights `wrappers.<site_>__<k|v>.lora_<A|B>.default.weight`."""
+        old = {f"wrappers.{_key(s, w)}.lora_{ab}.{PEFT_NAME}.weight": saved_name(s, w, ab)
+               for s in config.sites for w in ("k", "v") for ab in ("A", "B")}
+        return {old.get(k, k): t for k, t in state.items()}
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        if self._bound_to is None:
-            expected = {f"wrappers.{_key(s, w)}.lora_{ab}.default.weight" for s in self.config.sites
-                        for w in ("k", "v") for ab in ("A", "B")}
-            if set(state) != expected:
-                raise AdapterError(
-                    f"adapter_model.safetensors does not match this lora adapter: missing "
-                    f"{sorted(expected - set(state))[:4]}, unexpected {sorted(set(state) - expected)[:4]}."
-                )
-            r = self.config.options["rank"]
-            bad = [k for k, t in state.items() if (t.shape[0] if "lora_A" in k else t.shape[1]) != r]
-            if bad:
-                raise AdapterError(f"{bad[0]} does not have rank {r}; the file belongs to another configuration.")
-            self._pending = dict(state)
+        if self._bound_to is not None:
+            check_state(state, self._expected_shapes(), self.adapter_type)
+            self._assign(state)
             return
-        super().load_weights(state)
+        # not bound yet: the widths are the DiT's; check names, rank, dtypes and values now, shapes when bound
+        r = self.config.options.rank
+        names = {saved_name(s, w, ab) for s in self.config.sites for w in ("k", "v") for ab in ("A", "B")}
+        shapes = {k: tuple(t.shape) for k, t in state.items()}
+        check_state(state, {k: shapes.get(k, ()) for k in names}, self.adapter_type)
+        bad = [k for k, t in state.items() if t.ndim != 2 or (t.shape[0] if ".lora_A." in k else t.shape[1]) != r]
+        if bad:
+            raise AdapterError(f"{bad[0]} does not have rank {r}; the file belongs to another configuration.")
+        self._pending = dict(state)
 
     def _assign(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.named_parameters())
+        own = self.trainable_state_dict()
+        check_state(state, {k: tuple(v.shape) for k, v in own.items()}, self.adapter_type)
         with torch.no_grad():
             for k, t in state.items():
                 own[k].copy_(t.to(own[k].device, own[k].dtype))

@@ -15,9 +15,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, AdapterConfig, register_adapter
+from dataclasses import dataclass
+
+from ..errors import AdapterError
+from .base import Adapter, AdapterConfig, Options, register_adapter
 
 KINDS = ("linear", "mlp", "resampler")
+
+
+@dataclass
+class ProjectionOptions(Options):
+    """`kind`: `linear` | `mlp` | `resampler`. `hidden`: the mlp's hidden width (None: twice the caption width).
+    `num_tokens`, `depth`, `heads`: the resampler's learned queries, layers and attention heads."""
+
+    kind: str = "linear"
+    hidden: int | None = None
+    num_tokens: int = 16
+    depth: int = 2
+    heads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise AdapterError(f"projection kind must be one of {KINDS}, got {self.kind!r}.")
+        for k in ("num_tokens", "depth", "heads") + (("hidden",) if self.hidden is not None else ()):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise AdapterError(f"projection option {k} must be a positive int, got {v!r}.")
 
 
 class _Resampler(nn.Module):
@@ -50,43 +73,43 @@ class _Resampler(nn.Module):
 class ProjectionAdapter(Adapter):
     """Trainable map from feature space to caption space, in front of the zero-shot path."""
 
+    options_class = ProjectionOptions
+
     def __init__(self, config: AdapterConfig):
         super().__init__(config)
-        o = config.options
-        kind = o.get("kind", "linear")
-        if kind not in KINDS:
-            raise ValueError(f"projection kind must be one of {KINDS}, got {kind!r}.")
+        o: ProjectionOptions = config.options
         f, c = config.feature_width, config.caption_width
-        self.kind = kind
-        if kind == "linear":
+        self.kind = o.kind
+        if o.kind == "linear":
             self.proj = nn.Linear(f, c)
             nn.init.zeros_(self.proj.bias)
             if f == c:
                 with torch.no_grad():
                     self.proj.weight.copy_(torch.eye(c))
-        elif kind == "mlp":
-            hidden = int(o.get("hidden", 2 * c))
+        elif o.kind == "mlp":
+            hidden = o.hidden or 2 * c
             self.skip = nn.Identity() if f == c else nn.Linear(f, c)
             self.mlp = nn.Sequential(nn.LayerNorm(f), nn.Linear(f, hidden), nn.GELU(), nn.Linear(hidden, c))
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
         else:
-            self.resampler = _Resampler(f, c, int(o.get("num_tokens", 16)), int(o.get("depth", 2)), int(o.get("heads", 4)))
+            self.resampler = _Resampler(f, c, o.num_tokens, o.depth, o.heads)
 
     @classmethod
-    def create(cls, transformer: nn.Module, feature_width: int, kind: str = "linear", **options) -> "ProjectionAdapter":
+    def create(cls, transformer: nn.Module, feature_width: int | None = None, blocks="all",
+               **options) -> "ProjectionAdapter":
+        """A projection from `feature_width` (None: the caption width) to `transformer`'s caption width; the
+        projection serves every block, so `blocks` is not used. `options`: `ProjectionOptions` fields."""
         from ..models import family_for
 
         fam = family_for(transformer)
-        cfg = AdapterConfig("projection", type(transformer).__name__, int(feature_width), fam.caption_width(transformer),
-                            options={"kind": kind, **options})
+        width = fam.caption_width(transformer) if feature_width is None else int(feature_width)
+        cfg = AdapterConfig("projection", type(transformer).__name__, width, fam.caption_width(transformer),
+                            options=ProjectionOptions(**options))
         return cls(cfg)
 
-    @classmethod
-    def from_config(cls, config: AdapterConfig) -> "ProjectionAdapter":
-        return cls(config)
-
     def project(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Features `[B, N, F]` -> caption-space tokens `[B, N, C]` (resampler: `[B, M, C]`)."""
         if self.kind == "linear":
             return self.proj(tokens)
         if self.kind == "mlp":

@@ -1,21 +1,31 @@
 """`DiTFamily`: the per-architecture facts injection needs, and the registry of families.
 
-A family file (`z_image.py`, `flux.py`, `sd3.py`) subclasses `DiTFamily` and registers it. It says which blocks
-are sites, how the denoiser's timestep maps to progress, what the model does to its caption tokens before
-attention (`embed` once per generation, `text_kv` per block and step), and which processor extends the block's
-attention. Adding an architecture is adding one file.
+A family file (`z_image.py`, `flux.py`, `sd3.py`, ...) subclasses `DiTFamily` and registers it; it holds every fact
+of its DiT that vlhooks uses:
+- structure: which blocks are sites (`sites`, `presets`), the caption and hidden widths;
+- calls: the batch size, how the denoiser's timestep maps to progress, the pipeline's guidance layout;
+- the text path: what the model does to its caption tokens before attention (`embed` once per generation,
+  `text_kv` per block and step, for a `BlockCall`), and the processor that extends the block's attention;
+- training: the flow-matching objective (`velocity`) and the FSDP units (`fsdp_children`);
+- the pipeline: its classes, how it encodes prompts (`encode_prompt`) and takes caption embeddings
+  (`prompt_kwargs`), and the family's command-line `name`.
+Code outside `vlhooks/models/` asks the family; it never branches on a class name. Adding an architecture is
+adding one file here, its import in `__init__.py`, its tests and a tiny recipe.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, TargetError
+
+if TYPE_CHECKING:
+    from ..attention import BlockCall
 
 
 @dataclass(frozen=True)
@@ -57,10 +67,16 @@ class DiTFamily:
     presets: dict[str, str] = {}
     # `InjectionConfig.placement` values the family's processors implement
     placements: tuple[str, ...] = ("attention",)
+    # diffusers pipeline classes whose transformer is of this family
+    pipeline_classes: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ structure
     def matches(self, transformer: nn.Module) -> bool:
-        return type(transformer).__name__ in self.transformer_classes
+        """Whether `transformer` is an instance (or subclass instance) of one of `transformer_classes`."""
+        import diffusers
+
+        return any(isinstance(transformer, c) for c in
+                   (getattr(diffusers, n, None) for n in self.transformer_classes) if c is not None)
 
     def sites(self, transformer: nn.Module) -> list[Site]:
         raise NotImplementedError
@@ -141,22 +157,15 @@ class DiTFamily:
         `cache` lives as long as the features (one generation or more) for timestep-independent tensors."""
         raise NotImplementedError
 
-    def text_input(
-        self,
-        transformer: nn.Module,
-        site: Site,
-        hidden: torch.Tensor,
-        block_args: tuple,
-        block_kwargs: dict,
-        rows: list[int] | None,
-    ) -> torch.Tensor:
-        """The block's pre-attention norm and modulation of text tokens at this step. `[R, N, D]` -> `[R, N, D]`."""
+    # The text path, per block and step, for the extra tokens of one `BlockCall` (`call.embedded` `[R, N, D]`,
+    # model rows `call.rows`). Two parts are shared with the block's own run, for speed: the pre-norm does not
+    # depend on the timestep, so the injector caches it per generation (`text_norm`, shared by sites with one
+    # `norm_key`) and hands it over as `call.pre_normed`; the block's own modulation output is recorded from the
+    # module `modulation_module` names while the block runs (`call.modulation`), so it is not computed twice.
+    def text_input(self, call: "BlockCall") -> torch.Tensor:
+        """The block's pre-attention norm and modulation of the extra tokens at this step. `[R, N, D]`."""
         raise NotImplementedError
 
-    # The text path in two parts, for speed: the pre-norm does not depend on the timestep, so the injector caches
-    # it per generation (`text_norm`, shared by sites with one `norm_key`) and hands the cached result to
-    # `text_input` through the processor (`pre_normed`). The block's own modulation is captured from the module
-    # `modulation_module` names while the block runs (`captured_modulation`), so it is not computed twice.
     def text_norm(self, transformer: nn.Module, site: Site, hidden: torch.Tensor) -> torch.Tensor:
         """The timestep-independent pre-norm of `text_input` (`[R, N, D]`); the identity if the family has none."""
         return hidden
@@ -166,46 +175,24 @@ class DiTFamily:
         return site.name
 
     def modulation_module(self, transformer: nn.Module, site: Site) -> nn.Module | None:
-        """The block's submodule whose output is the modulation `text_input` needs (captured while the block runs),
-        or None."""
+        """The block's submodule whose output is the modulation `text_input` needs (recorded while the block
+        runs), or None."""
         return None
-
-    @staticmethod
-    def pre_normed(transformer: nn.Module, site: Site, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The cached `text_norm(hidden)` the injector left on the site's processor for exactly this `hidden`."""
-        pre = getattr(site.attention(transformer).processor, "normed", None)
-        return pre[1] if pre is not None and pre[0] is hidden else None
-
-    @staticmethod
-    def captured_modulation(transformer: nn.Module, site: Site) -> torch.Tensor | None:
-        """The block's own modulation output of the current call, while its processor computes the extras."""
-        return getattr(site.attention(transformer).processor, "active_mod", None)
 
     def kv_linears(self, transformer: nn.Module, site: Site) -> tuple[nn.Module, nn.Module]:
         """The block's text-side K and V projections (the modules a `kv` adapter copies and LoRA wraps)."""
         raise NotImplementedError
 
-    def finish_kv(
-        self, transformer: nn.Module, site: Site, k: torch.Tensor, v: torch.Tensor, cache: dict
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish_kv(self, call: "BlockCall", k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected `k, v` `[R, N, H*Dh]` -> `[R, N, H, Dh]` with the block's qk-norm and the extra tokens' RoPE."""
         raise NotImplementedError
 
-    def text_kv(
-        self,
-        transformer: nn.Module,
-        site: Site,
-        hidden: torch.Tensor,
-        block_args: tuple,
-        block_kwargs: dict,
-        rows: list[int] | None,
-        cache: dict,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_kv(self, call: "BlockCall") -> tuple[torch.Tensor, torch.Tensor]:
         """The block's own text path up to attention: pre-norm and modulation, text K/V projections, qk-norm,
-        RoPE. `hidden` is `[R, N, D]` for batch `rows`; returns `k, v` as `[R, N, H, Dh]`."""
-        x = self.text_input(transformer, site, hidden, block_args, block_kwargs, rows)
-        k_proj, v_proj = self.kv_linears(transformer, site)
-        return self.finish_kv(transformer, site, k_proj(x), v_proj(x), cache)
+        RoPE. Returns `k, v` as `[R, N, H, Dh]`."""
+        x = self.text_input(call)
+        k_proj, v_proj = self.kv_linears(call.transformer, call.site)
+        return self.finish_kv(call, k_proj(x), v_proj(x))
 
     # ------------------------------------------------------------------ training objective
     def velocity(
@@ -235,6 +222,60 @@ class DiTFamily:
         """The processor that replaces `base` on the site's attention module while patched."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ the pipeline (training data, compare)
+    def transformer_class(self) -> type:
+        """The diffusers class of this family's transformer (the first of `transformer_classes`)."""
+        return self.transformer_class_named(self.transformer_classes[0])
+
+    def transformer_class_named(self, class_name: str) -> type:
+        import diffusers
+
+        if class_name not in self.transformer_classes:
+            raise TargetError(f"{class_name} is not a transformer class of family {self.name!r} "
+                              f"({list(self.transformer_classes)}).")
+        return getattr(diffusers, class_name)
+
+    def encode_prompt(self, pipe: Any, prompts: list[str], device: Any, max_sequence_length: int) -> PromptEmbeds:
+        """`prompts` through the pipeline's own `encode_prompt` (its text encoders, templates and layers), without
+        guidance rows. `sequences`: one `[L_i, C]` per prompt (float32, CPU); `pooled`: `[B, P]` or None."""
+        raise NotImplementedError
+
+    def prompt_kwargs(self, embeds: torch.Tensor, pooled: torch.Tensor | None) -> dict[str, Any]:
+        """The pipeline `__call__` arguments that pass caption embeddings `embeds` `[B, L, C]` (and `pooled`
+        `[B, P]`) instead of a prompt (the embedding route's blended captions)."""
+        out: dict[str, Any] = {"prompt_embeds": embeds}
+        if pooled is not None:
+            out["pooled_prompt_embeds"] = pooled
+        return out
+
+    # children of a site block that `vlhooks train --trainer.strategy fsdp` makes FSDP units, per site kind: the
+    # modules that run inside the block's forward only (attention, feed-forwards), never its norms or modulation,
+    # which the injection also runs on the extra tokens outside the block's forward
+    fsdp_children: dict[str, tuple[str, ...]] = {}
+
+    def fsdp_units(self, transformer: nn.Module, skip: set[int] = frozenset()) -> list[nn.Module]:
+        """The DiT's FSDP units: the transformer itself, then `fsdp_children` of every site block whose `id` is
+        not in `skip` (the blocks the extras' embedding runs, which stay in the transformer's unit)."""
+        units = [transformer]
+        for site in self.sites(transformer):
+            block = site.block(transformer)
+            if id(block) in skip:
+                continue
+            for name in self.fsdp_children.get(site.kind, ()):
+                child = getattr(block, name, None)
+                if child is not None and any(True for _ in child.parameters()):
+                    units.append(child)
+        return units
+
+
+@dataclass
+class PromptEmbeds:
+    """Caption embeddings as a family's pipeline makes them: one `[L_i, C]` per prompt, and `[B, P]` pooled ones
+    (Flux, SD3) or None."""
+
+    sequences: list[torch.Tensor]
+    pooled: torch.Tensor | None = None
+
 
 _FAMILIES: list[DiTFamily] = []
 
@@ -243,6 +284,42 @@ def register_family(family: DiTFamily) -> DiTFamily:
     """Register a `DiTFamily` instance (one per architecture file)."""
     _FAMILIES.append(family)
     return family
+
+
+def families() -> list[DiTFamily]:
+    """Every registered family, in registration order."""
+    return list(_FAMILIES)
+
+
+def family_named(name: str) -> DiTFamily:
+    """The family whose `name` (its command-line name, e.g. `"flux"`) is `name`."""
+    for fam in _FAMILIES:
+        if fam.name == name:
+            return fam
+    raise TargetError(f"unknown DiT family {name!r}; known: {[f.name for f in _FAMILIES]}.")
+
+
+def family_for_class(class_name: str) -> DiTFamily:
+    """The family of a transformer or pipeline class name (e.g. from a saved `config.json`'s `_class_name`)."""
+    for fam in _FAMILIES:
+        if class_name in fam.transformer_classes or class_name in fam.pipeline_classes:
+            return fam
+    known = sorted(c for f in _FAMILIES for c in (*f.transformer_classes, *f.pipeline_classes))
+    raise TargetError(f"{class_name} is not a supported DiT or DiT pipeline class. Supported: {known}.")
+
+
+def load_transformer(path: str, subfolder: str | None = None, **kwargs: Any) -> nn.Module:
+    """A saved diffusers transformer folder of any registered family (its class read from `config.json`'s
+    `_class_name`), loaded with `from_pretrained(path, subfolder=..., **kwargs)`, in eval mode."""
+    import json
+    from pathlib import Path
+
+    cfg_file = Path(path) / (subfolder or "") / "config.json"
+    if not cfg_file.is_file():
+        raise TargetError(f"{cfg_file} does not exist; point at a diffusers transformer folder (with config.json).")
+    class_name = json.loads(cfg_file.read_text()).get("_class_name", "?")
+    cls = family_for_class(class_name).transformer_class_named(class_name)
+    return cls.from_pretrained(path, subfolder=subfolder, **kwargs).eval()
 
 
 def family_for(transformer: nn.Module) -> DiTFamily:
@@ -254,37 +331,6 @@ def family_for(transformer: nn.Module) -> DiTFamily:
         f"{type(transformer).__name__} is not a supported DiT. Supported: {known}. Pass a diffusers pipeline or its "
         "`.transformer`; to add an architecture, write a `DiTFamily` and call `vh.register_family`."
     )
-
-
-class ExtrasState:
-    """Mixin for the family processors: the per-call state shared with the injector's hooks.
-
-    `pending` (an `ExtraKV` from the block hook), `captured_mod` (the block's modulation output, from the capture
-    hook), `normed` (`(hidden, text_norm(hidden))` from the block hook), `active_mod` (the modulation, while the
-    extras' text path runs inside the processor) and `to_block_output` (`(added, rows)` that the block hook adds to
-    the block's output, placement `"block_output"`)."""
-
-    def _init_state(self) -> None:
-        self.pending = None
-        self.captured_mod = None
-        self.active_mod = None
-        self.normed = None
-        self.to_block_output = None
-
-    def take(self):
-        """`(extra, modulation)` of this call; clears both, so nothing leaks into a later call."""
-        extra, self.pending = self.pending, None
-        mod, self.captured_mod = self.captured_mod, None
-        return extra, mod
-
-    def text_path(self, fn, mod):
-        """Run the extras' text path `fn()` with the captured modulation visible to the family's `text_input`."""
-        self.active_mod = mod
-        try:
-            return fn()
-        finally:
-            self.active_mod = None
-            self.normed = None
 
 
 def rows_of(x: torch.Tensor, rows: list[int] | None) -> torch.Tensor:

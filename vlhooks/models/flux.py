@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import fused_attention
 from ..attention import (
+    BlockCall,
     add_rows,
     appendable,
     attend_with_extras,
@@ -34,25 +35,25 @@ from ..attention import (
     linear_into,
     plain_joint,
 )
-from .base import DiTFamily, ExtrasState, Site, arg, register_family, rows_of
+from .base import DiTFamily, PromptEmbeds, Site, arg, register_family, rows_of
 
 
-class FluxInjectionProcessor(ExtrasState, FluxAttnProcessor):
-    """`FluxAttnProcessor` that also attends to the extra K/V its block hook left in `pending`.
-    With nothing pending it calls the original processor, so inactive steps are bit-identical. The extras' K/V
-    are computed here, after the block's own modulation, which their text path reuses (captured).
+class FluxInjectionProcessor(FluxAttnProcessor):
+    """`FluxAttnProcessor` that also attends to the extra K/V of the `block_call` its block hook passes.
+    Without a call it calls the original processor, so inactive steps are bit-identical. The extras' K/V are
+    computed here, after the block's own modulation, which their text path reuses (`call.modulation`).
 
     Joint mode with nothing to gate appends the extra K/V without a second copy of the block's K/V: double blocks
     join them in the concatenation of text and image K/V the block makes anyway (RoPE's identity rows at the
     extra keys); single blocks write their own K/V straight into `[1, L + N]` buffers.
 
     Placement `"block_output"` (diffusers' `FluxIPAdapterAttnProcessor`): the block's own attention is untouched;
-    the image tokens' queries after qk-norm and before RoPE attend to the extra K/V, and the result is left for the
-    block hook, which adds it to the block's image-stream output (`FluxFamily.add_to_block_output`)."""
+    the image tokens' queries after qk-norm and before RoPE attend to the extra K/V, and the result is left in
+    `call.block_output` for the block hook, which adds it to the block's image-stream output
+    (`FluxFamily.add_to_block_output`)."""
 
     def __init__(self, base: Any):
         super().__init__()
-        self._init_state()
         self.base = base
         self._attention_backend = getattr(base, "_attention_backend", None)
         self._parallel_config = getattr(base, "_parallel_config", None)
@@ -64,20 +65,21 @@ class FluxInjectionProcessor(ExtrasState, FluxAttnProcessor):
         encoder_hidden_states: torch.Tensor = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
+        block_call: BlockCall | None = None,
     ) -> torch.Tensor:
-        extra, mod = self.take()
-        if extra is None:
+        call = block_call
+        if call is None:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
-        self.text_path(extra.materialize, mod)
+        ek, ev = call.extra_kv()  # [R, N, H, Dh]
         if (encoder_hidden_states is None and not attn.fused_projections and image_rotary_emb is not None
                 and can_write_into(attn.to_v, hidden_states)
-                and plain_joint(extra, hidden_states.shape[0], attention_mask)):
-            return self._single_joint(attn, hidden_states, image_rotary_emb, extra)
+                and plain_joint(call, hidden_states.shape[0], attention_mask)):
+            return self._single_joint(attn, hidden_states, image_rotary_emb, call)
         one_concat = (encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
-                      and appendable(extra, attention_mask))
+                      and appendable(call, attention_mask))
         fused = one_concat and self._fused(hidden_states, encoder_hidden_states.shape[1] + hidden_states.shape[1],
-                                           extra)
+                                           ek)
         one_concat = one_concat and not fused
 
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
@@ -86,61 +88,62 @@ class FluxInjectionProcessor(ExtrasState, FluxAttnProcessor):
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, L, H, Dh]
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
-        if extra.placement == "block_output":  # image queries, before RoPE (and before a double block's [txt, img])
-            added = decoupled_output(query[:, query.shape[1] - extra.image_len:], extra, self._sdpa)
-            self.to_block_output = (added.flatten(2, 3).to(query.dtype), extra.rows)  # [R, L_img, D]
+        if call.placement == "block_output":  # image queries, before RoPE (and before a double block's [txt, img])
+            added = decoupled_output(query[:, query.shape[1] - call.image_len:], call, self._sdpa)
+            call.block_output = (added.flatten(2, 3).to(query.dtype), call.rows)  # [R, L_img, D]
         if attn.added_kv_proj_dim is not None:
             encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
             encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
             encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
             query = torch.cat([encoder_query, query], dim=1)  # [txt, img]
             if one_concat:  # [txt, img, extra]: what attend_with_extras builds, with one copy instead of two
-                key = torch.cat([encoder_key, key, extra.k.to(key.dtype)], dim=1)
-                value = torch.cat([encoder_value, value, extra.v.to(value.dtype)], dim=1)
+                key = torch.cat([encoder_key, key, ek.to(key.dtype)], dim=1)
+                value = torch.cat([encoder_value, value, ev.to(value.dtype)], dim=1)
             else:
                 key = torch.cat([encoder_key, key], dim=1)
                 value = torch.cat([encoder_value, value], dim=1)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             if one_concat:
-                rope = _with_identity_rows(image_rotary_emb, extra.k.shape[1], extra)
+                rope = _with_identity_rows(image_rotary_emb, ek.shape[1], call)
                 key = apply_rotary_emb(key, rope, sequence_dim=1)
             else:
                 key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         if fused:  # two passes merged in one kernel (see fused_attention)
-            hidden_states = fused_attention.joint_attention(query, key, value, extra.k, extra.v)
+            hidden_states = fused_attention.joint_attention(query, key, value, ek, ev)
         elif one_concat:
             hidden_states = self._sdpa(query, key, value, None)
-        elif extra.placement == "block_output":
+        elif call.placement == "block_output":
             hidden_states = self._sdpa(query, key, value, attention_mask)  # the block's own, as the base computes it
         else:
-            hidden_states = attend_with_extras(query, key, value, attention_mask, extra, self._sdpa, seq_dim=1)
+            hidden_states = attend_with_extras(query, key, value, attention_mask, call, self._sdpa, seq_dim=1)
         return self._out(attn, hidden_states.flatten(2, 3).to(query.dtype), encoder_hidden_states)
 
-    def _single_joint(self, attn, hidden_states, image_rotary_emb, extra):
+    def _single_joint(self, attn, hidden_states, image_rotary_emb, call):
         """Single block, joint, nothing to gate: `[txt + img, extra]` keys as `attend_with_extras` builds them, the
         block's own K/V written in place (RoPE converted into the key buffer, `to_v`'s GEMM into the value
         buffer)."""
         L = hidden_states.shape[1]
         query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim)))
-        if self._fused(hidden_states, L, extra):  # two passes merged in one kernel (see fused_attention)
+        ek, ev = call.extra_kv()
+        if self._fused(hidden_states, L, ek):  # two passes merged in one kernel (see fused_attention)
             value = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-            out = fused_attention.joint_attention(query, key, value, extra.k, extra.v)
+            out = fused_attention.joint_attention(query, key, value, ek, ev)
             return out.flatten(2, 3).to(query.dtype)
-        kbuf, vbuf = joint_buffers(key, L, extra)
+        kbuf, vbuf = joint_buffers(key, L, call)
         linear_into(vbuf[:, :L].flatten(2), hidden_states, attn.to_v)
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         _rope_into(kbuf[:, :L], key, image_rotary_emb)
         out = self._sdpa(query, kbuf, vbuf, None)
         return out.flatten(2, 3).to(query.dtype)
 
-    def _fused(self, like, length, extra) -> bool:
+    def _fused(self, like, length, extra_k) -> bool:
         """Whether the two-pass kernel serves this call (joint, nothing to gate; `length` keys of the block's own)."""
-        return fused_attention.applies(self._attention_backend, like, length, extra.materialize().k)
+        return fused_attention.applies(self._attention_backend, like, length, extra_k)
 
     def _sdpa(self, q, k, v, mask):
         return dispatch_attention_fn(
@@ -170,12 +173,12 @@ def _rope_into(out: torch.Tensor, x: torch.Tensor, rope) -> torch.Tensor:
     return out.copy_(x.float() * cos + x_rotated.float() * sin)
 
 
-def _with_identity_rows(rope, n: int, extra):
+def _with_identity_rows(rope, n: int, call):
     """Flux's `(cos, sin)` tables followed by `n` identity rows (cos 1, sin 0), built once per forward call. The
     identity rotation returns the extra keys exactly (`x * 1 + x_rot * 0 = x`), as the extra keys sit at position 0
     (see the module docstring), so the result equals rotating the block's keys alone and appending the extras."""
     cos, sin = rope
-    scratch = None if torch.compiler.is_compiling() else extra.scratch
+    scratch = None if torch.compiler.is_compiling() else call.scratch
     key = ("flux.identity_rows", n)
     if scratch is not None:
         hit = scratch.get(key)
@@ -198,6 +201,9 @@ class FluxFamily(DiTFamily):
         "single": r"single_transformer_blocks\.\d+",
     }
     placements = ("attention", "block_output")
+    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlPipeline",
+                        "FluxControlNetPipeline", "FluxFillPipeline", "FluxKontextPipeline", "FluxPriorReduxPipeline")
+    fsdp_children = {"double": ("attn", "ff", "ff_context"), "single": ("attn", "proj_mlp", "proj_out")}
 
     def sites(self, transformer):
         out = [Site(f"transformer_blocks.{i}", i, "double", "attn") for i in range(len(transformer.transformer_blocks))]
@@ -254,29 +260,27 @@ class FluxFamily(DiTFamily):
         norm = self._norm(site.block(transformer), site)
         return norm.linear if self._plain_adaln(norm) else None
 
-    def text_input(self, transformer, site, hidden, block_args, block_kwargs, rows):
-        block = site.block(transformer)
-        norm = self._norm(block, site)
-        temb = arg(block_args, block_kwargs, "temb", 2)
+    def text_input(self, call):
+        block = call.site.block(call.transformer)
+        norm = self._norm(block, call.site)
+        temb = arg(call.block_args, call.block_kwargs, "temb", 2)
         if not self._plain_adaln(norm):
-            return norm(hidden, emb=rows_of(temb, rows))[0]  # [R, N, D]
-        emb = self.captured_modulation(transformer, site)  # the block's own norm.linear(silu(temb))
-        emb = norm.linear(norm.silu(rows_of(temb, rows))) if emb is None else rows_of(emb, rows)
-        shift, scale = emb.chunk(6 if site.kind == "double" else 3, dim=1)[:2]
-        x = self.pre_normed(transformer, site, hidden)
-        if x is None:
-            x = norm.norm(hidden)
+            return norm(call.embedded, emb=rows_of(temb, call.rows))[0]  # [R, N, D]
+        emb = call.modulation  # the block's own norm.linear(silu(temb))
+        emb = norm.linear(norm.silu(rows_of(temb, call.rows))) if emb is None else rows_of(emb, call.rows)
+        shift, scale = emb.chunk(6 if call.site.kind == "double" else 3, dim=1)[:2]
+        x = call.pre_normed if call.pre_normed is not None else norm.norm(call.embedded)
         return x * (1 + scale[:, None]) + shift[:, None]
 
     def kv_linears(self, transformer, site):
         attn = site.attention(transformer)
         return (attn.add_k_proj, attn.add_v_proj) if site.kind == "double" else (attn.to_k, attn.to_v)
 
-    def finish_kv(self, transformer, site, k, v, cache):
-        attn = site.attention(transformer)
+    def finish_kv(self, call, k, v):
+        attn = call.site.attention(call.transformer)
         k = k.unflatten(-1, (-1, attn.head_dim))  # [R, N, H, Dh]
         v = v.unflatten(-1, (-1, attn.head_dim))
-        k = attn.norm_added_k(k) if site.kind == "double" else attn.norm_k(k)
+        k = attn.norm_added_k(k) if call.site.kind == "double" else attn.norm_k(k)
         return k, v  # position 0: the identity rotation
 
     def velocity(self, transformer, latents, sigma, caption, caption_mask=None, pooled=None):
@@ -299,6 +303,12 @@ class FluxFamily(DiTFamily):
 
     def make_processor(self, site, base):
         return FluxInjectionProcessor(base)
+
+    # ------------------------------------------------------------------ pipeline
+    def encode_prompt(self, pipe, prompts, device, max_sequence_length):
+        embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, device=device,
+                                               max_sequence_length=max_sequence_length)  # [B, L, C], [B, P]
+        return PromptEmbeds(list(embeds.float().cpu()), pooled.float().cpu())
 
 
 register_family(FluxFamily())

@@ -19,17 +19,16 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from torch import nn
 
-from ..attention import attend_with_extras
-from .base import DiTFamily, ExtrasState, Site, arg, register_family, rows_of
+from ..attention import BlockCall, attend_with_extras
+from .base import DiTFamily, PromptEmbeds, Site, arg, register_family, rows_of
 
 
-class SD3InjectionProcessor(ExtrasState, JointAttnProcessor2_0):
-    """`JointAttnProcessor2_0` that also attends to the extra K/V its block hook left in `pending`.
-    With nothing pending it calls the original processor, so inactive steps are bit-identical."""
+class SD3InjectionProcessor(JointAttnProcessor2_0):
+    """`JointAttnProcessor2_0` that also attends to the extra K/V of the `block_call` its block hook passes.
+    Without a call it calls the original processor, so inactive steps are bit-identical."""
 
     def __init__(self, base: Any):
         super().__init__()
-        self._init_state()
         self.base = base
 
     def __call__(
@@ -39,12 +38,13 @@ class SD3InjectionProcessor(ExtrasState, JointAttnProcessor2_0):
         encoder_hidden_states: torch.FloatTensor = None,
         attention_mask: torch.FloatTensor | None = None,
         *args,
+        block_call: BlockCall | None = None,
         **kwargs,
     ) -> torch.FloatTensor:
-        extra, mod = self.take()
-        if extra is None or encoder_hidden_states is None:
+        call = block_call
+        if call is None or encoder_hidden_states is None:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        self.text_path(extra.materialize, mod)
+        call.extra_kv()
 
         residual_len = hidden_states.shape[1]
         B = hidden_states.shape[0]
@@ -72,7 +72,7 @@ class SD3InjectionProcessor(ExtrasState, JointAttnProcessor2_0):
         def sdpa(q, k, v, mask):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
-        hidden_states = attend_with_extras(query, key, value, None, extra, sdpa, seq_dim=2)
+        hidden_states = attend_with_extras(query, key, value, None, call, sdpa, seq_dim=2)
         hidden_states = hidden_states.transpose(1, 2).reshape(B, -1, attn.heads * head_dim).to(query.dtype)
 
         hidden_states, encoder_hidden_states = hidden_states[:, :residual_len], hidden_states[:, residual_len:]
@@ -88,6 +88,9 @@ class SD3Family(DiTFamily):
     transformer_classes = ("SD3Transformer2DModel",)
     batched_guidance = "uncond_first"  # StableDiffusion3Pipeline: cat([negative, positive])
     presets = {"all": r"transformer_blocks\.\d+", "joint": r"transformer_blocks\.\d+"}
+    pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline",
+                        "StableDiffusion3ControlNetPipeline")
+    fsdp_children = {"joint": ("attn", "attn2", "ff", "ff_context")}
 
     def sites(self, transformer):
         return [Site(f"transformer_blocks.{i}", i, "joint", "attn") for i in range(len(transformer.transformer_blocks))]
@@ -107,19 +110,19 @@ class SD3Family(DiTFamily):
     def embed(self, transformer, tokens, mask, site, cache):
         return transformer.context_embedder(tokens)  # [B, N, D]
 
-    def text_input(self, transformer, site, hidden, block_args, block_kwargs, rows):
-        block = site.block(transformer)
-        temb = rows_of(arg(block_args, block_kwargs, "temb", 2), rows)  # [R, D]
+    def text_input(self, call):
+        block = call.site.block(call.transformer)
+        temb = rows_of(arg(call.block_args, call.block_kwargs, "temb", 2), call.rows)  # [R, D]
         if block.context_pre_only:
-            return block.norm1_context(hidden, temb)  # AdaLayerNormContinuous, [R, N, D]
-        return block.norm1_context(hidden, emb=temb)[0]  # AdaLayerNormZero
+            return block.norm1_context(call.embedded, temb)  # AdaLayerNormContinuous, [R, N, D]
+        return block.norm1_context(call.embedded, emb=temb)[0]  # AdaLayerNormZero
 
     def kv_linears(self, transformer, site):
         attn = site.attention(transformer)
         return attn.add_k_proj, attn.add_v_proj
 
-    def finish_kv(self, transformer, site, k, v, cache):
-        attn = site.attention(transformer)
+    def finish_kv(self, call, k, v):
+        attn = call.site.attention(call.transformer)
         k = k.unflatten(-1, (attn.heads, -1))  # [R, N, H, Dh]
         v = v.unflatten(-1, (attn.heads, -1))
         if attn.norm_added_k is not None:
@@ -135,6 +138,12 @@ class SD3Family(DiTFamily):
 
     def make_processor(self, site, base):
         return SD3InjectionProcessor(base)
+
+    # ------------------------------------------------------------------ pipeline
+    def encode_prompt(self, pipe, prompts, device, max_sequence_length):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length)  # [B, L, C], [B, P]
+        return PromptEmbeds(list(embeds.float().cpu()), pooled.float().cpu())
 
 
 register_family(SD3Family())

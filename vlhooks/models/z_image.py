@@ -20,9 +20,9 @@ from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnP
 from torch import nn
 
 from .. import fused_attention
-from ..attention import attend_with_extras, can_write_into, joint_buffers, linear_into, plain_joint
+from ..attention import BlockCall, attend_with_extras, can_write_into, joint_buffers, linear_into, plain_joint
 from ..errors import TargetError
-from .base import DiTFamily, ExtrasState, Site, arg, register_family, rows_of
+from .base import DiTFamily, PromptEmbeds, Site, arg, register_family, rows_of
 
 
 def _rope(x: torch.Tensor, freqs_cis: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,14 +34,13 @@ def _rope(x: torch.Tensor, freqs_cis: torch.Tensor, out: torch.Tensor | None = N
         return res.type_as(x) if out is None else out.copy_(res)
 
 
-class ZImageInjectionProcessor(ExtrasState, ZSingleStreamAttnProcessor):
-    """`ZSingleStreamAttnProcessor` that also attends to the extra K/V its block hook left in `pending`.
-    With nothing pending it calls the original processor, so inactive steps are bit-identical. The extras' K/V
-    are computed here, after the block's own modulation, which their text path reuses (captured)."""
+class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
+    """`ZSingleStreamAttnProcessor` that also attends to the extra K/V of the `block_call` its block hook passes.
+    Without a call it calls the original processor, so inactive steps are bit-identical. The extras' K/V are
+    computed here, after the block's own modulation, which their text path reuses (`call.modulation`)."""
 
     def __init__(self, base: Any):
         super().__init__()
-        self._init_state()
         self.base = base
         self._attention_backend = getattr(base, "_attention_backend", None)
         self._parallel_config = getattr(base, "_parallel_config", None)
@@ -53,22 +52,23 @@ class ZImageInjectionProcessor(ExtrasState, ZSingleStreamAttnProcessor):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         freqs_cis: torch.Tensor | None = None,
+        block_call: BlockCall | None = None,
     ) -> torch.Tensor:
-        extra, mod = self.take()
-        if extra is None:
+        call = block_call
+        if call is None:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
 
-        self.text_path(extra.materialize, mod)
+        ek, ev = call.extra_kv()  # [R, N, H, Dh]
         L = hidden_states.shape[1]
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # [B, L, H, Dh]
         key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
         # joint with nothing to gate: two passes merged in one kernel on CUDA where that pays (see
         # fused_attention); otherwise the block writes its own K/V straight into [1, L + N] buffers (no concat)
-        plain = plain_joint(extra, hidden_states.shape[0], attention_mask) and freqs_cis is not None
-        fused = plain and fused_attention.applies(self._attention_backend, query, L, extra.k)
+        plain = plain_joint(call, hidden_states.shape[0], attention_mask) and freqs_cis is not None
+        fused = plain and fused_attention.applies(self._attention_backend, query, L, ek)
         bufs = None
         if plain and not fused and can_write_into(attn.to_v, hidden_states):
-            bufs = joint_buffers(key, L, extra)
+            bufs = joint_buffers(key, L, call)
             linear_into(bufs[1][:, :L].flatten(2), hidden_states, attn.to_v)
         value = bufs[1][:, :L] if bufs else attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
         if attn.norm_q is not None:
@@ -89,11 +89,11 @@ class ZImageInjectionProcessor(ExtrasState, ZSingleStreamAttnProcessor):
             )
 
         if fused:
-            out = fused_attention.joint_attention(query, key, value, extra.k, extra.v)  # [B, L, H, Dh]
+            out = fused_attention.joint_attention(query, key, value, ek, ev)  # [B, L, H, Dh]
         elif bufs:
             out = sdpa(query, bufs[0], bufs[1], None)  # = attend_with_extras' concatenation, without the copies
         else:
-            out = attend_with_extras(query, key, value, attention_mask, extra, sdpa, seq_dim=1)
+            out = attend_with_extras(query, key, value, attention_mask, call, sdpa, seq_dim=1)
         out = out.flatten(2, 3).to(dtype)
         out = attn.to_out[0](out)
         if len(attn.to_out) > 1:
@@ -105,6 +105,9 @@ class ZImageFamily(DiTFamily):
     name = "z_image"
     transformer_classes = ("ZImageTransformer2DModel",)
     batched_guidance = "cond_first"  # ZImagePipeline: prompt_embeds + negative_prompt_embeds
+    pipeline_classes = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "ZImageControlNetPipeline",
+                        "ZImageControlNetInpaintPipeline", "ZImageOmniPipeline")
+    fsdp_children = {k: ("attention", "feed_forward") for k in ("main", "noise_refiner", "context_refiner")}
     presets = {
         "all": r"layers\.\d+",
         "main": r"layers\.\d+",
@@ -177,17 +180,16 @@ class ZImageFamily(DiTFamily):
         block = site.block(transformer)
         return block.adaLN_modulation if block.modulation else None
 
-    def text_input(self, transformer, site, hidden, block_args, block_kwargs, rows):
-        block = site.block(transformer)
-        x = self.pre_normed(transformer, site, hidden)
-        if x is None:
-            x = block.attention_norm1(hidden)  # [R, N, D]
+    def text_input(self, call):
+        block = call.site.block(call.transformer)
+        x = call.pre_normed if call.pre_normed is not None else block.attention_norm1(call.embedded)  # [R, N, D]
         if block.modulation:
-            mod = self.captured_modulation(transformer, site)  # the block's own adaLN output, [B or 1, 4D]
+            mod = call.modulation  # the block's own adaLN output, [B or 1, 4D]
             if mod is None:
-                mod = block.adaLN_modulation(rows_of(arg(block_args, block_kwargs, "adaln_input", 3), rows))
+                mod = block.adaLN_modulation(rows_of(arg(call.block_args, call.block_kwargs, "adaln_input", 3),
+                                                     call.rows))
             else:
-                mod = rows_of(mod, rows)
+                mod = rows_of(mod, call.rows)
             x = x * (1.0 + mod.unsqueeze(1).chunk(4, dim=2)[0])  # scale_msa [R, 1, D]
         return x
 
@@ -195,13 +197,13 @@ class ZImageFamily(DiTFamily):
         attn = site.attention(transformer)
         return attn.to_k, attn.to_v
 
-    def finish_kv(self, transformer, site, k, v, cache):
-        attn = site.attention(transformer)
+    def finish_kv(self, call, k, v):
+        attn = call.site.attention(call.transformer)
         k = k.unflatten(-1, (attn.heads, -1))  # [R, N, H, Dh]
         v = v.unflatten(-1, (attn.heads, -1))
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        freqs = self._extra_freqs(transformer, k.shape[1], k.device, cache)[None]  # [1, N, Dh/2]
+        freqs = self._extra_freqs(call.transformer, k.shape[1], k.device, call.cache)[None]  # [1, N, Dh/2]
         return _rope(k, freqs), v
 
     def velocity(self, transformer, latents, sigma, caption, caption_mask=None, pooled=None):
@@ -214,6 +216,15 @@ class ZImageFamily(DiTFamily):
 
     def make_processor(self, site, base):
         return ZImageInjectionProcessor(base)
+
+    # ------------------------------------------------------------------ pipeline
+    def encode_prompt(self, pipe, prompts, device, max_sequence_length):
+        embeds, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False,
+                                       max_sequence_length=max_sequence_length)  # one [L_i, C] per prompt
+        return PromptEmbeds([e.float().cpu() for e in embeds], None)
+
+    def prompt_kwargs(self, embeds, pooled):
+        return {"prompt_embeds": list(embeds)}  # ZImagePipeline takes one [L_i, C] per prompt
 
 
 register_family(ZImageFamily())

@@ -1,0 +1,126 @@
+"""Tiny offline DiTs and pipelines of every supported family: try the API in seconds, with no download.
+
+    from vlhooks.testing import build, inputs, output, pipeline
+    model = build("flux")                        # a random-weight FluxTransformer2DModel of a few kB
+    out = output(model, inputs("flux", batch=2))  # one denoiser call
+    pipe = pipeline("flux")                       # a real FluxPipeline: tiny CLIP / T5 / VAE, in-memory tokenizers
+
+Each family's tiny parts live in one file here (`z_image.py`, `flux.py`, ...), registered by name with
+`register_tiny`; the configs are those of diffusers' own tests (they build and run in milliseconds on a CPU).
+Images are 32x32 everywhere (latents 8x8, the shapes `inputs` uses). Weights are random: outputs are noise, but
+every code path of the real model runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+SIZE = 32  # pipeline image height and width for every family
+TEXT_LEN = 64  # max_sequence_length for the tiny pipelines (their defaults pad to 256-512 tokens)
+PROMPT, NEGATIVE = "a photo of a cat", "blurry, low quality"
+
+
+@dataclass
+class TinyDiT:
+    """One tiny model: how to build its transformer, its denoiser inputs and (where diffusers has one that
+    builds offline) its pipeline.
+
+    `inputs(batch, progress, seed, cap_len)` returns keyword arguments of one denoiser call at `progress`
+    (= 1 - sigma); `pipeline(seed)` a pipeline around `build(seed)`; `guidance(cfg)` the pipeline `__call__`
+    arguments that switch its classifier-free guidance on or off."""
+
+    name: str
+    class_name: str
+    config: dict[str, Any]
+    caption_width: int
+    inputs: Callable[..., dict]
+    pipeline: Callable[[int], Any] | None = None
+    guidance: Callable[[bool], dict] = field(default=lambda cfg: {})
+
+    def build(self, seed: int = 0) -> torch.nn.Module:
+        import diffusers
+
+        torch.manual_seed(seed)
+        return getattr(diffusers, self.class_name)(**self.config).eval()
+
+
+_TINY: dict[str, TinyDiT] = {}
+_MODULES = ("z_image", "flux", "sd3")  # one file per family; each registers its tiny models
+
+
+def register_tiny(tiny: TinyDiT) -> TinyDiT:
+    _TINY[tiny.name] = tiny
+    return tiny
+
+
+def _all() -> dict[str, TinyDiT]:
+    if not _TINY:
+        for m in _MODULES:
+            importlib.import_module(f".{m}", __name__)
+    return _TINY
+
+
+def tiny(name: str) -> TinyDiT:
+    """The tiny model registered as `name` (`names()` lists them)."""
+    models = _all()
+    if name not in models:
+        from ..errors import TargetError
+
+        raise TargetError(f"no tiny model {name!r}; known: {sorted(models)}.")
+    return models[name]
+
+
+def names() -> list[str]:
+    """Every registered tiny model (a family name, or a variant such as `"sd35"`)."""
+    return list(_all())
+
+
+def build(name: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random-weight transformer (seeded), in eval mode."""
+    return tiny(name).build(seed)
+
+
+def caption_width(name: str) -> int:
+    """The width of the tiny model's caption tokens (zero-shot features have this width)."""
+    return tiny(name).caption_width
+
+
+def inputs(name: str, batch: int = 1, progress: float = 0.3, seed: int = 1, cap_len: int = 8) -> dict:
+    """Keyword inputs for one denoiser call at `progress` (= 1 - sigma)."""
+    return tiny(name).inputs(batch=batch, progress=progress, seed=seed, cap_len=cap_len)
+
+
+def output(model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
+    """The denoiser's output for `inputs(...)` as one tensor (Z-Image's list output stacked)."""
+    out = model(**kwargs)[0]
+    return torch.stack(out) if isinstance(out, list) else out
+
+
+def pipeline(name: str, seed: int = 0) -> Any:
+    """A real diffusers pipeline of the family, from tiny random-weight parts (progress bar off)."""
+    t = tiny(name)
+    if t.pipeline is None:
+        from ..errors import TargetError
+
+        raise TargetError(f"no offline tiny pipeline for {name!r}; pipelines exist for "
+                          f"{[n for n, x in _all().items() if x.pipeline is not None]}.")
+    pipe = t.pipeline(seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipeline(pipe: Any, name: str, steps: int = 2, cfg: bool = False, seed: int = 0, **kwargs) -> torch.Tensor:
+    """One `SIZE`x`SIZE` image of `PROMPT`, `[1, 3, SIZE, SIZE]` in [0, 1]; `cfg` turns guidance on."""
+    call = dict(num_inference_steps=steps, height=SIZE, width=SIZE, max_sequence_length=TEXT_LEN,
+                generator=torch.Generator().manual_seed(seed), output_type="pt")
+    call.update(tiny(name).guidance(cfg))
+    call.update(kwargs)
+    return pipe(PROMPT, **call).images
+
+
+__all__ = ["TinyDiT", "register_tiny", "tiny", "names", "build", "caption_width", "inputs", "output", "pipeline",
+           "run_pipeline", "SIZE", "TEXT_LEN", "PROMPT", "NEGATIVE"]
