@@ -57,15 +57,15 @@ def test_assign_rows_cond_uncond_negative_and_dropped():
 def test_plan_call_windows_and_strengths():
     a = P.assign_rows(["c", "c"], 1, 0, None, False)
     plan = P.plan_call(a, [0.5, 0.25], batch=2, same_graph=False)
-    assert plan == P.CallPlan(rows=None, feature_rows=[0, 0], strengths=[0.5, 0.25])  # every row: rows None
+    assert plan == P.ReferencePlan(rows=None, feature_rows=[0, 0], strengths=[0.5, 0.25])  # every row: rows None
     # a row outside the window (strength 0) leaves the plan; none left: no plan at all
-    assert P.plan_call(a, [0.0, 0.25], 2, False) == P.CallPlan([1], [0], [0.25])
+    assert P.plan_call(a, [0.0, 0.25], 2, False) == P.ReferencePlan([1], [0], [0.25])
     assert P.plan_call(a, [0.0, 0.0], 2, False) is None
     # same_graph keeps it, at strength 0
-    assert P.plan_call(a, [0.0, 0.25], 2, True) == P.CallPlan(None, [0, 0], [0.0, 0.25])
+    assert P.plan_call(a, [0.0, 0.25], 2, True) == P.ReferencePlan(None, [0, 0], [0.0, 0.25])
     # a dropped row is at strength 0 whatever its schedule
     a = P.assign_rows(["c", "c"], 2, 0, [False, True], True)
-    assert P.plan_call(a, [1.0, 1.0], 2, True) == P.CallPlan(None, [0, 1], [0.0, 1.0])
+    assert P.plan_call(a, [1.0, 1.0], 2, True) == P.ReferencePlan(None, [0, 1], [0.0, 1.0])
 
 
 def test_plan_from_an_injection_config_window():
@@ -73,14 +73,14 @@ def test_plan_from_an_injection_config_window():
     cfg = vh.InjectionConfig(window=(0.2, 0.6), schedule="linear_decay")
     a = P.assign_rows(["u", "c"], 1, 0, None, False)
     inside = P.plan_call(a, [cfg.strength_at(0.4)] * 2, 2, False)
-    assert inside == P.CallPlan([1], [0], [pytest.approx(0.5)])  # u = (0.4 - 0.2) / 0.4 = 0.5 -> 1 - u
+    assert inside == P.ReferencePlan([1], [0], [pytest.approx(0.5)])  # u = (0.4 - 0.2) / 0.4 = 0.5 -> 1 - u
     assert P.plan_call(a, [cfg.strength_at(0.7)] * 2, 2, False) is None  # outside the window
 
 
 def test_plan_call_tensor_under_compile():
     a = P.assign_rows(["c", "c", "c"], 3, 0, [True, False, True], True)
     full = P.plan_call_tensor(a, None, 3)  # nothing to gate: Python floats, the dropped row at 0
-    assert full == P.CallPlan(None, [0, 1, 2], [1.0, 0.0, 1.0])
+    assert full == P.ReferencePlan(None, [0, 1, 2], [1.0, 0.0, 1.0])
     plan = P.plan_call_tensor(a, torch.tensor([0.5]), 3)  # one progress for the batch
     assert plan.rows is None and torch.equal(plan.strengths, torch.tensor([0.5, 0.0, 0.5]))
     b = P.assign_rows(["u", "c"], 1, 0, None, False)
@@ -89,6 +89,23 @@ def test_plan_call_tensor_under_compile():
 
 
 def test_block_strengths_apply_the_block_scale():
-    assert P.block_strengths(P.CallPlan(None, [0], [0.5, 1.0]), 2.0) == [1.0, 2.0]
-    t = P.block_strengths(P.CallPlan(None, [0], torch.tensor([0.5, 1.0])), 2.0)
+    assert P.block_strengths(P.ReferencePlan(None, [0], [0.5, 1.0]), 2.0) == [1.0, 2.0]
+    t = P.block_strengths(P.ReferencePlan(None, [0], torch.tensor([0.5, 1.0])), 2.0)
     assert torch.equal(t, torch.tensor([1.0, 2.0]))
+
+
+def test_merge_references_aligns_them_to_the_union_of_their_rows():
+    assert P.merge({0: None, 1: None}, 2) is None
+    one = P.ReferencePlan([1], [0], [0.5])
+    assert P.merge({0: None, 3: one}, 2) == P.CallPlan([1], ((3, one),))  # one reference: its plan unchanged
+    a = P.ReferencePlan([0, 2], [0, 1], [0.5, 1.0])  # reference 0 on rows 0 and 2
+    b = P.ReferencePlan([2, 3], [0, 0], [0.25, 0.75])  # reference 1 on rows 2 and 3
+    merged = P.merge({0: a, 1: b}, 4)
+    assert merged.rows == [0, 2, 3]
+    assert merged.parts == ((0, P.ReferencePlan([0, 2, 3], [0, 1, 0], [0.5, 1.0, 0.0])),
+                            (1, P.ReferencePlan([0, 2, 3], [0, 0, 0], [0.0, 0.25, 0.75])))
+    full = P.merge({0: P.ReferencePlan(None, [0, 0], [1.0, 1.0]), 1: P.ReferencePlan([1], [0], [0.5])}, 2)
+    assert full.rows is None and full.parts[1][1].strengths == [0.0, 0.5]
+    t = P.merge({0: P.ReferencePlan([0], [0], torch.tensor([0.5])), 1: P.ReferencePlan([1], [0], torch.tensor([2.0]))}, 2)
+    assert torch.equal(t.parts[0][1].strengths, torch.tensor([0.5, 0.0]))
+    assert torch.equal(t.parts[1][1].strengths, torch.tensor([0.0, 2.0]))

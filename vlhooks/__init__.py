@@ -16,6 +16,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "VLFeatures": "features",
     "InjectionConfig": "config",
+    "Reference": "references",
     "InjectionHandle": "injection",
     "inject": "injection",
     "apply_injection": "injection",
@@ -30,6 +31,8 @@ _EXPORTS = {
     "ProjectionAdapter": "adapters",
     "KVAdapter": "adapters",
     "LoRAAdapter": "adapters",
+    "IPAdapter": "adapters",
+    "import_ip_adapter": "adapters",
     "blend": "blend",
     "BLEND_MODES": "blend",
     "resample_tokens": "blend",
@@ -66,7 +69,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .adapters import KVAdapter, LoRAAdapter, ProjectionAdapter, create_adapter, load_adapter
+    from .adapters import (
+        IPAdapter,
+        KVAdapter,
+        LoRAAdapter,
+        ProjectionAdapter,
+        create_adapter,
+        import_ip_adapter,
+        load_adapter,
+    )
     from .blend import BLEND_MODES, blend, resample_tokens
     from .config import InjectionConfig
     from .errors import (
@@ -93,3 +104,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
     from .models import DiTFamily, Site, family_for, register_family
     from .projector import Projector, ZeroShotProjector
+    from .references import Reference

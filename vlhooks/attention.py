@@ -7,7 +7,7 @@ norms, RoPE) and after (output projections); this module never touches a module'
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -17,6 +17,23 @@ if TYPE_CHECKING:
     from .models.base import DiTFamily, Site
 
 Sdpa = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class Segment:
+    """One reference's share of a block's extra tokens in one call, over the call's rows.
+
+    `embedded` `[R, N, D]` (the reference's tokens as the caption stream entering the block) and `pre_normed`
+    (their cached pre-norm) are what the projector turns into K/V; `key_mask` `[R, N]` marks real tokens;
+    `strength` `[R]` is this reference's strength per row (0: the row does not see it); `query_mask` `[R, L_img]`
+    in [0, 1] weights the block's image queries (None: every query sees it fully)."""
+
+    reference: int
+    embedded: torch.Tensor  # [R, N, D]
+    pre_normed: torch.Tensor | None  # [R, N, D]
+    key_mask: torch.Tensor | None  # [R, N] bool
+    strength: list[float] | torch.Tensor  # [R]
+    query_mask: torch.Tensor | None = None  # [R, L_img] float
 
 
 @dataclass
@@ -30,11 +47,14 @@ class BlockCall:
     call the family's text path with this same object) and, for placement `"block_output"`, leaves `block_output`
     for the block hook to add after the block.
 
-    `rows` are the model rows that receive extras (every row when `None`, in order); `strength` their strength:
-    Python floats (eager) or a `[R]` tensor (under `torch.compile`, where nothing may sync with the host).
+    `rows` are the model rows that receive extras (every row when `None`, in order). `segments` holds one
+    `Segment` per reference that reaches this block; `embedded`, `pre_normed`, `key_mask` and `strength` are the
+    tokens the projector projects (the first segment's; `for_segment` gives the call of another). Strengths are
+    Python floats (eager) or `[R]` tensors (under `torch.compile`, where nothing may sync with the host).
     `embedded` is the extra tokens as the caption stream entering this block, `pre_normed` the family's
-    timestep-independent pre-norm of exactly that tensor (both cached per generation). `cache` lives as long as
-    the features (timestep-independent tensors); `scratch` as long as one forward call.
+    timestep-independent pre-norm of exactly that tensor (both cached per generation). `image_span` is
+    `(start, length)` of the image tokens in the block's attention sequence (for spatial masks). `cache` lives as
+    long as the features (timestep-independent tensors); `scratch` as long as one forward call.
     """
 
     site: Site
@@ -51,41 +71,124 @@ class BlockCall:
     mode: str  # "joint" | "decoupled"
     placement: str = "attention"  # "attention" | "block_output" (see `InjectionConfig.placement`)
     image_len: int | None = None  # image tokens, last in the block's sequence (placement "block_output")
+    timestep: torch.Tensor | None = None  # the denoiser's own timestep argument of this call, `[B]` or `[1]`
     cache: dict = field(default_factory=dict)
     scratch: dict | None = None
+    segments: list[Segment] = field(default_factory=list)
+    kv_scaling: str = "kv"  # see `InjectionConfig.kv_scaling`
+    image_span: tuple[int, int] | None = None  # (start, length) of the image queries in the attention sequence
     modulation: Any = None  # the block's own modulation output of this call, `[B or 1, ...]`
     block_output: tuple[torch.Tensor, list[int] | None] | None = None  # (added [R, L_img, D], rows)
-    k: torch.Tensor | None = None  # [R, N, H, Dh]
+    k: torch.Tensor | None = None  # [R, N, H, Dh], every segment's, concatenated
     v: torch.Tensor | None = None  # [R, N, H, Dh]
 
+    def for_segment(self, segment: Segment) -> "BlockCall":
+        """This call with `segment`'s tokens as the ones to project (for the projector's `kv`)."""
+        return replace(self, embedded=segment.embedded, pre_normed=segment.pre_normed, key_mask=segment.key_mask,
+                       strength=segment.strength, segments=[segment], k=None, v=None)
+
     def extra_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The extra K/V `[R, N, H, Dh]`, computed once (by the projector) on first use."""
+        """The extra K/V `[R, N, H, Dh]` of every segment, concatenated, computed once (by the projector) on
+        first use, with the strength applied to them where `kv_scaling` says so."""
         if self.k is None:
-            self.k, self.v = self.projector.kv(self)
+            segments = self.segments or [Segment(0, self.embedded, self.pre_normed, self.key_mask, self.strength)]
+            parts = [self.projector.kv(self)] if len(segments) == 1 else \
+                [self.projector.kv(self.for_segment(s)) for s in segments]
+            if self.kv_scaling != "kv":
+                parts = [scale_kv(k, v, s.strength, self.kv_scaling) for (k, v), s in zip(parts, segments)]
+            if len(parts) == 1:
+                self.k, self.v = parts[0]
+            else:
+                self.k = torch.cat([k for k, _ in parts], dim=1)
+                self.v = torch.cat([v for _, v in parts], dim=1)
         return self.k, self.v
 
+    def all_segments(self) -> list[Segment]:
+        return self.segments or [Segment(0, self.embedded, self.pre_normed, self.key_mask, self.strength)]
+
     def strength_is_one(self) -> bool:
-        return isinstance(self.strength, list) and all(x == 1.0 for x in self.strength)
+        return all(isinstance(s.strength, list) and all(x == 1.0 for x in s.strength) for s in self.all_segments())
+
+    def unbiased(self) -> bool:
+        """Strength 1, no padding, no spatial mask: the extra keys need no logit bias."""
+        return self.strength_is_one() and all(s.key_mask is None and s.query_mask is None
+                                              for s in self.all_segments())
+
+    def plain(self) -> bool:
+        """Nothing to gate: every row and `unbiased` (joint attention then needs nothing but the extra keys
+        appended)."""
+        return self.rows is None and self.unbiased()
 
 
-def decoupled_output(q: torch.Tensor, call: BlockCall, sdpa: Sdpa, seq_dim: int = 1) -> torch.Tensor:
+def scale_kv(k: torch.Tensor, v: torch.Tensor, strength: list[float] | torch.Tensor, how: str
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reference's K/V `[R, N, H, Dh]` with its per-row strength applied (`InjectionConfig.kv_scaling`)."""
+    s = _strength_tensor(strength, v).view(-1, 1, 1, 1)  # [R, 1, 1, 1]
+    if how == "v_only":
+        return k, v * s
+    if how == "kv_penalty":
+        return k * torch.clamp(1.0 / s.clamp_min(1.0), min=0.5), v * s
+    if how == "k_mean_v":
+        mean = v.mean(dim=1, keepdim=True)  # [R, 1, H, Dh], over the reference's tokens
+        return k, (v - mean) + s * mean
+    raise ValueError(f"unknown kv_scaling {how!r}")
+
+
+def decoupled_output(q: torch.Tensor, call: BlockCall, sdpa: Sdpa, seq_dim: int = 1,
+                     image_span: tuple[int, int] | None = None) -> torch.Tensor:
     """The decoupled attention of queries `q` (`[B, L, H, Dh]`, or `[B, H, L, Dh]` with `seq_dim` 2) over the
-    extra K/V alone, times the strength; `q`'s layout, for the rows `call.rows` (every row when `None`)."""
+    extra K/V, one separate softmax per reference, each times its strength (and its spatial mask over the image
+    queries `image_span` of `q`, default `call.image_span`); `q`'s layout, for the rows `call.rows` (every row when
+    `None`)."""
     ek, ev = call.extra_kv()  # [R, N, H, Dh]
     if seq_dim == 2:
         ek, ev = ek.transpose(1, 2), ev.transpose(1, 2)  # [R, H, N, Dh]
     q_a = _take(q, call.rows)
-    bias = None
-    if call.key_mask is not None:
-        bias = torch.zeros(call.key_mask.shape, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(~call.key_mask, float("-inf"))[:, None, None, :]  # [R, 1, 1, N]
-    added = sdpa(q_a, ek.to(q.dtype), ev.to(q.dtype), bias)
-    if isinstance(call.strength, list) and len(set(call.strength)) == 1:
-        if call.strength[0] != 1.0:  # strength 1: no multiply
-            added = added * call.strength[0]
-    else:
-        added = added * _strength_tensor(call.strength, added).view(-1, 1, 1, 1)
+    segments = call.all_segments()
+    span = call.image_span if image_span is None else image_span
+    added, start = None, 0
+    for seg in segments:
+        n = seg.embedded.shape[1] if len(segments) > 1 else ek.shape[seq_dim]
+        k_s, v_s = (ek, ev) if len(segments) == 1 else (ek.narrow(seq_dim, start, n), ev.narrow(seq_dim, start, n))
+        start += n
+        bias = None
+        if seg.key_mask is not None:
+            bias = torch.zeros(seg.key_mask.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~seg.key_mask, float("-inf"))[:, None, None, :]  # [R, 1, 1, N]
+        out = sdpa(q_a, k_s.to(q.dtype), v_s.to(q.dtype), bias)
+        out = _weigh(out, seg, call.kv_scaling, span, q.shape[seq_dim], seq_dim)
+        added = out if added is None else added + out
     return added
+
+
+def _weigh(out: torch.Tensor, seg: Segment, kv_scaling: str, span, length: int, seq_dim: int) -> torch.Tensor:
+    """A reference's decoupled attention output times its strength (`"kv"`; other modes carry it in the K/V,
+    with strength 0 still switching the row off) and its spatial mask over the image queries."""
+    if kv_scaling == "kv":
+        if isinstance(seg.strength, list) and len(set(seg.strength)) == 1:
+            if seg.strength[0] != 1.0:  # strength 1: no multiply
+                out = out * seg.strength[0]
+        else:
+            out = out * _strength_tensor(seg.strength, out).view(-1, 1, 1, 1)
+    elif not (isinstance(seg.strength, list) and all(x > 0 for x in seg.strength)):
+        on = _strength_tensor(seg.strength, out) != 0
+        out = out * on.to(out.dtype).view(-1, 1, 1, 1)
+    if seg.query_mask is not None:
+        w = _query_weights(seg.query_mask, span, length, out)  # [R, Lq]
+        out = out * (w[:, :, None, None] if seq_dim == 1 else w[:, None, :, None])
+    return out
+
+
+def _query_weights(query_mask: torch.Tensor, span: tuple[int, int] | None, length: int,
+                   like: torch.Tensor) -> torch.Tensor:
+    """`[R, Lq]` weights of every query: the mask over the image queries `span`, 1 elsewhere (text queries see
+    every reference)."""
+    if span is None:
+        raise ValueError("a spatial mask reached a block whose image queries are unknown")
+    start, n = span
+    w = torch.ones(query_mask.shape[0], length, dtype=like.dtype, device=like.device)
+    w[:, start:start + n] = query_mask.to(like.dtype)
+    return w
 
 
 def add_rows(x: torch.Tensor, added: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
@@ -98,12 +201,9 @@ def add_rows(x: torch.Tensor, added: torch.Tensor, rows: list[int] | None) -> to
 
 
 def appendable(call: BlockCall, base_mask: torch.Tensor | None) -> bool:
-    """Whether joint attention needs nothing but the extra keys appended to the block's own: every row,
-    strength 1, no padding, no mask of the block's own (so no bias)."""
-    return (
-        call.mode == "joint" and call.rows is None and call.key_mask is None and call.strength_is_one()
-        and base_mask is None
-    )
+    """Whether joint attention needs nothing but the extra keys appended to the block's own: `call.plain()`
+    (every row, strength 1, no padding, no spatial mask) and no mask of the block's own (so no bias)."""
+    return call.mode == "joint" and call.plain() and base_mask is None
 
 
 def plain_joint(call: BlockCall, batch: int, base_mask: torch.Tensor | None) -> bool:
@@ -153,14 +253,39 @@ def _strength_tensor(strength: list[float] | torch.Tensor, like: torch.Tensor) -
     return torch.tensor(strength, device=like.device, dtype=like.dtype)
 
 
-def _extra_bias(call: BlockCall, like: torch.Tensor) -> torch.Tensor:
-    """Additive logit bias for the extra keys: `log(strength)` per row, `-inf` on padded tokens. `[R, N]`."""
-    R, N = call.k.shape[0], call.k.shape[1]
-    strength = _strength_tensor(call.strength, like)  # [R]
-    bias = torch.log(strength)[:, None].expand(R, N)  # log(0) = -inf: the row is excluded
-    if call.key_mask is not None:
-        bias = bias.masked_fill(~call.key_mask, float("-inf"))
-    return bias
+def extra_bias(call: BlockCall, like: torch.Tensor) -> torch.Tensor:
+    """Additive logit bias of the extra keys, `[R, N]`: per segment `log(strength)` per row (`kv_scaling` `"kv"`;
+    other modes carry the strength in the K/V and only strength 0 gives `-inf`), `-inf` on padded tokens."""
+    parts = []
+    for seg in call.all_segments():
+        R, N = seg.embedded.shape[0], seg.embedded.shape[1]
+        strength = _strength_tensor(seg.strength, like)  # [R]
+        if call.kv_scaling == "kv":
+            row = torch.log(strength)  # log(0) = -inf: the row is excluded
+        else:
+            row = torch.zeros_like(strength).masked_fill(strength == 0, float("-inf"))
+        bias = row[:, None].expand(R, N)
+        if seg.key_mask is not None:
+            bias = bias.masked_fill(~seg.key_mask, float("-inf"))
+        parts.append(bias)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def query_bias(call: BlockCall, length: int, like: torch.Tensor) -> torch.Tensor | None:
+    """`[R, Lq, N]` logit bias from the spatial masks (`log` of each query's weight for each reference's keys), or
+    None when no segment has a mask."""
+    segments = call.all_segments()
+    if all(s.query_mask is None for s in segments):
+        return None
+    parts = []
+    for seg in segments:
+        R, N = seg.embedded.shape[0], seg.embedded.shape[1]
+        if seg.query_mask is None:
+            parts.append(torch.zeros(R, length, N, dtype=like.dtype, device=like.device))
+        else:
+            w = _query_weights(seg.query_mask, call.image_span, length, like)  # [R, Lq]
+            parts.append(torch.log(w)[:, :, None].expand(R, length, N))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _base_bias(base_mask: torch.Tensor | None, B: int, L: int, like: torch.Tensor) -> torch.Tensor:
@@ -217,13 +342,18 @@ def attend_with_extras(
     R = q_a.shape[0]
     k_cat = torch.cat([k_a, ek], dim=seq_dim)
     v_cat = torch.cat([v_a, ev], dim=seq_dim)
-    if mask_a is None and call.key_mask is None and call.strength_is_one():
+    if mask_a is None and call.unbiased():
         bias = None
     else:
-        L = k_a.shape[seq_dim]
-        base = _base_bias(mask_a, R, L, q)  # [R, 1, 1, L]
-        ext = _extra_bias(call, q)[:, None, None, :]  # [R, 1, 1, N]
-        bias = torch.cat([base, ext.expand(R, 1, 1, ext.shape[-1])], dim=-1)
+        L, Lq = k_a.shape[seq_dim], q_a.shape[seq_dim]
+        base = _base_bias(mask_a, R, L, q)  # [R, 1, 1 or Lq, L]
+        ext = extra_bias(call, q)[:, None, None, :]  # [R, 1, 1, N]
+        per_query = query_bias(call, Lq, q)  # [R, Lq, N] or None
+        if per_query is None:
+            bias = torch.cat([base, ext.expand(R, 1, base.shape[2], ext.shape[-1])], dim=-1)
+        else:
+            ext = ext + per_query[:, None]  # [R, 1, Lq, N]
+            bias = torch.cat([base.expand(R, 1, Lq, L), ext], dim=-1)
     out_a = sdpa(q_a, k_cat, v_cat, bias)
     if rows is None:
         return out_a

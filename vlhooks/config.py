@@ -19,9 +19,12 @@ BlockSelector = Union[str, list, tuple]
 Schedule = Union[str, Callable[[float], float]]
 
 SCHEDULES = ("constant", "linear_decay", "cosine_decay", "step")
+COMBINES = ("concat", "average")
+KV_SCALINGS = ("kv", "v_only", "kv_penalty", "k_mean_v")
+POOLS = ("mean", "interpolate", "attention")
 MODES = ("joint", "decoupled")
 GUIDANCE = ("auto", "none", "cond_first", "uncond_first")
-PLACEMENTS = ("attention", "block_output")
+PLACEMENTS = ("attention", "block_output", "pre_rope", "image_joint")
 
 
 @dataclass
@@ -56,12 +59,43 @@ class InjectionConfig:
             marks whole unconditional calls (Flux true CFG); otherwise every row is conditional. `"none"`: every
             row is conditional. `"cond_first"` / `"uncond_first"`: the model batch is `[cond; uncond]` /
             `[uncond; cond]` halves. Unconditional rows get no injection unless negative features are given.
+        combine (`str`, defaults to `"concat"`):
+            How several references (`vh.Reference`) share a block. `"concat"`: every reference's tokens are extra
+            keys of their own, each with its own strength, window, blocks and mask (joint: one softmax over the
+            block's keys and all references' keys, `log(strength_r)` on reference `r`'s; decoupled: one separate
+            attention per reference, `sum_r strength_r * softmax(q k_r^T) v_r`). `"average"`: one token set, the
+            mean of the references' features weighted by their scales, `sum_r s_r F_r / sum_r s_r` (same token
+            count and width; the references' scales weight the mean and do not scale the strength; per-reference
+            blocks, windows, schedules and masks need `"concat"`).
+        kv_scaling (`str`, defaults to `"kv"`):
+            How a strength `s` acts on a reference's extra K/V (ComfyUI's names). `"kv"`: joint: a `log(s)` bias on
+            its keys' logits (its share of the softmax mass times `s`); decoupled: `s * attention`. `"v_only"`: its
+            values are `s * v` (keys unchanged; decoupled: the same as `"kv"`). `"kv_penalty"`: values `s * v` and
+            keys `k * max(0.5, min(1, 1 / s))`: above strength 1 the reference's attention is flattened, at most
+            halving its logits, so a strong reference spreads over its tokens instead of copying a few.
+            `"k_mean_v"`: values `(v - mean(v)) + s * mean(v)` (the mean over the reference's tokens, per head):
+            the strength scales what the tokens share, their differences stay. Strength 0 skips a reference exactly
+            in every mode.
+        max_tokens (`int`, *optional*):
+            Pool each reference's tokens to at most this many (the cost of injection grows with the token count in
+            every block), in feature space, once per set of features. `pool`: `"mean"` (contiguous groups averaged,
+            `adaptive_avg_pool1d` over the real tokens), `"interpolate"` (linear resampling along the tokens) or
+            `"attention"` (the `"mean"` tokens as queries of a parameter-free softmax attention over all tokens).
         placement (`str`, defaults to `"attention"`):
             Where a decoupled attention's output goes. `"attention"`: every query of the block (text and image,
             after RoPE) attends to the extra K/V and the result joins the block's attention output, before its
             output projection. `"block_output"` (decoupled mode, Flux): diffusers' IP-Adapter placement: only the
             image tokens' queries (after qk-norm, before RoPE) attend, and the result times the strength is added
             to the block's image-stream output, after the feed-forward, with no output projection and no gate.
+            `"pre_rope"` (decoupled mode, Flux; InstantX's Flux IP-Adapter): the block's queries after qk-norm and
+            before RoPE (a double block's image tokens, a single block's every token) attend to the extra K/V,
+            and the result times the strength joins the attention output before the output projection (double:
+            the image stream's `to_out`; single: the attention half of `proj_out`'s input), under the block's gate.
+            `"image_joint"` (decoupled mode, SD3; diffusers' SD3 IP-Adapter placement): the image tokens' queries
+            attend, in a softmax of their own, to `[the block's image keys; the extra keys]` (queries and image
+            keys taken before the block's qk-norm and normed by the adapter's own norms,
+            `Projector.image_attention_norms`, else the block's), and the result times the strength joins the
+            image stream's attention output before `to_out`.
     """
 
     blocks: BlockSelector = "all"
@@ -72,6 +106,11 @@ class InjectionConfig:
     mode: Literal["joint", "decoupled"] = "joint"
     guidance: Literal["auto", "none", "cond_first", "uncond_first"] = "auto"
     placement: Literal["attention", "block_output"] = "attention"
+
+    combine: Literal["concat", "average"] = "concat"
+    kv_scaling: Literal["kv", "v_only", "kv_penalty", "k_mean_v"] = "kv"
+    max_tokens: int | None = None
+    pool: Literal["mean", "interpolate", "attention"] = "mean"
 
     def __post_init__(self) -> None:
         if isinstance(self.window, list):
@@ -105,6 +144,15 @@ class InjectionConfig:
                 "placement='block_output' adds a separate attention's output to the block's output; it needs "
                 "mode='decoupled' (joint mode has no separate output to place)."
             )
+        if self.combine not in COMBINES:
+            raise ConfigError(f"combine must be one of {COMBINES}, got {self.combine!r}.")
+        if self.kv_scaling not in KV_SCALINGS:
+            raise ConfigError(f"kv_scaling must be one of {KV_SCALINGS}, got {self.kv_scaling!r}.")
+        if self.pool not in POOLS:
+            raise ConfigError(f"pool must be one of {POOLS}, got {self.pool!r}.")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
+                                            or self.max_tokens < 1):
+            raise ConfigError(f"max_tokens must be a positive int (or None for no pooling), got {self.max_tokens!r}.")
         if not callable(self.schedule) and self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES} or a callable u -> factor, got {self.schedule!r}.")
         if not isinstance(self.schedule_params, dict):

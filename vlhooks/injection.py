@@ -21,6 +21,7 @@ from .features import VLFeatures
 from .injector import Injector
 from .models import family_for
 from .projector import Projector, ZeroShotProjector
+from .references import Reference, as_references
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, InjectionHandle]" = weakref.WeakKeyDictionary()
 
@@ -93,17 +94,34 @@ class InjectionHandle:
     def set_features(
         self, features: VLFeatures, negative: VLFeatures | None = None, active: list[bool] | None = None
     ) -> None:
-        """Replace the injected features (and optional negative features for unconditional rows). `active`
-        (one bool per feature row) switches rows off, e.g. for image dropout in training."""
+        """Replace the injected references by one: `features` (and optional negative features for unconditional
+        rows) at the config's settings. `active` (one bool per feature row) switches rows off, e.g. for image
+        dropout in training."""
         self.injector.set_features(features, negative, active)
 
-    def set_scale(self, scale: float | dict[int, float]) -> None:
-        """Change the strength: a float, or `{block index: float}`."""
+    def set_references(self, references: Any) -> None:
+        """Replace the injected references (a list of `vh.Reference` / `VLFeatures`, or one); their blocks must be
+        among the patched ones."""
+        self.injector.set_references(as_references(references))
+
+    def set_scale(self, scale_or_index: float | dict[int, float] | int, scale: float | None = None) -> None:
+        """`set_scale(s)`: the config's strength, a float or `{block index: float}`. `set_scale(i, s)`: the scale
+        of reference `i`."""
         inj = self.injector
-        new = replace(inj.config, scale=scale)  # validates
-        if isinstance(scale, dict):
+        if scale is not None:
+            i = scale_or_index
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(inj.references):
+                raise ConfigError(f"reference index {i!r} is out of range: {len(inj.references)} reference(s) are "
+                                  "injected (with combine='average' they are one).")
+            Reference(inj.references[i].features, scale=scale)  # validates the number
+            if inj.config.mode == "joint" and scale < 0:
+                raise ConfigError(f"scale {scale} < 0 in joint mode: use mode='decoupled' for a negative weight.")
+            inj.references[i] = replace(inj.references[i], scale=float(scale))
+            return
+        new = replace(inj.config, scale=scale_or_index)  # validates
+        if isinstance(scale_or_index, dict):
             allowed = {s.index for s in inj.sites}
-            bad = sorted(set(scale) - allowed)
+            bad = sorted(set(scale_or_index) - allowed)
             if bad:
                 raise ConfigError(f"scale keys {bad} are not among the patched block indices {sorted(allowed)}.")
         inj.config = new
@@ -151,25 +169,29 @@ def _as_projector(adapter: Any) -> Projector:
 
 def apply_injection(
     target: Any,
-    features: VLFeatures | None,
+    features: Any,
     config: InjectionConfig | None = None,
     adapter: Any = None,
     negative_features: VLFeatures | None = None,
 ) -> InjectionHandle:
-    """Patch `target` (a diffusers pipeline or its transformer) to inject `features` as extra K/V.
+    """Patch `target` (a diffusers pipeline or its transformer) to inject references as extra K/V.
 
     Everything is checked before anything changes: on a bad input the model is left unpatched.
 
     Args:
         target: a `ZImagePipeline` / `FluxPipeline` / `StableDiffusion3Pipeline` (or any pipeline with a
             supported `.transformer`), or the transformer itself.
-        features (`VLFeatures`): the reference tokens; `None` patches now and waits for `handle.set_features`.
-        config (`InjectionConfig`): where, when, how strongly (defaults: all main blocks, whole run, scale 1).
+        features: what to inject: `VLFeatures`, a `vh.Reference`, or a list of them (several references, each
+            with its own scale, blocks, window, schedule, mask and negative features); `None` patches now and
+            waits for `handle.set_features` / `handle.set_references`.
+        config (`InjectionConfig`): where, when, how strongly (defaults: the adapter's own, else all main blocks,
+            whole run, scale 1).
         adapter: a trained adapter (`vh.load_adapter`); `None` is zero-shot (the block's own text path).
-        negative_features (`VLFeatures`, *optional*): injected into unconditional rows instead of nothing.
+        negative_features (`VLFeatures`, *optional*): injected into unconditional rows instead of nothing (for one
+            reference given as features; a `vh.Reference` carries its own `negative`).
 
     Returns:
-        `InjectionHandle` with `set_features`, `set_scale`, `remove`.
+        `InjectionHandle` with `set_features`, `set_references`, `set_scale`, `remove`.
 
     Example:
         >>> feats = vh.VLFeatures(tokens)                     # [1, N, caption width]
@@ -190,12 +212,32 @@ def apply_injection(
             "vh.remove_injection(model) first."
         )
     family = family_for(transformer)
+    if config.mode not in family.modes:
+        raise ConfigError(
+            f"mode={config.mode!r} is not available for {type(transformer).__name__} (it has {list(family.modes)}): "
+            f"{family.mode_note or 'its attention cannot take it exactly'}. Use mode={family.modes[0]!r}."
+        )
     if config.placement not in family.placements:
         raise ConfigError(
             f"placement={config.placement!r} is not implemented for {type(transformer).__name__} (it has "
             f"{list(family.placements)}); use placement='attention'."
         )
-    sites = family.select(transformer, config.blocks)
+    refs = None if features is None else as_references(features)
+    if negative_features is not None:
+        if refs is None:
+            raise FeatureError("negative_features were given without features; pass both.")
+        if len(refs) != 1 or refs[0].negative is not None:
+            raise FeatureError("negative_features go with one reference given as features; give each vh.Reference "
+                               "its own negative= instead.")
+        refs = [replace(refs[0], negative=negative_features)]
+    selected = {s.name for s in family.select(transformer, config.blocks)}
+    for ref in refs or []:
+        if ref.blocks is not None:
+            selected |= {s.name for s in family.select(transformer, ref.blocks)}
+        if ref.mask is not None and not family.supports_masks():
+            raise ConfigError(f"spatial masks (vh.Reference(mask=...)) are not implemented for "
+                              f"{type(transformer).__name__}; drop the mask.")
+    sites = [s for s in family.sites(transformer) if s.name in selected]
     if isinstance(config.scale, dict):
         bad = sorted(set(config.scale) - {s.index for s in sites})
         if bad:
@@ -210,10 +252,8 @@ def apply_injection(
         if hasattr(adapter, "bind"):
             adapter.bind(family, transformer)
     injector = Injector(transformer, pipeline, family, sites, config, projector)
-    if features is not None:
-        injector.set_features(features, negative_features)
-    elif negative_features is not None:
-        raise FeatureError("negative_features were given without features; pass both.")
+    if refs is not None:
+        injector.set_references(refs)
     injector.install()
     handle = InjectionHandle(injector)
     _ACTIVE[transformer] = handle

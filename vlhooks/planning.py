@@ -2,7 +2,7 @@
 
 Pure functions of the call's layout (batch size, guidance layout, cache context), the feature batch, the rows
 switched off and the strength of each row: no model, no hooks. The `Injector` calls them once per denoiser call
-(`plan_call`); the tests call them directly.
+and reference (`plan_call`), then merges the references' plans (`merge`); the tests call them directly.
 
 Vocabulary: a model row is *conditional* (`"c"`) or *unconditional* (`"u"`, the negative branch of
 classifier-free guidance). Conditional rows take the positive features, unconditional rows the negative features
@@ -23,17 +23,27 @@ LAYOUTS = ("cond_first", "uncond_first")
 
 
 @dataclass(frozen=True)
-class CallPlan:
-    """The plan of one denoiser call.
+class ReferencePlan:
+    """The plan of one reference in one denoiser call.
 
-    `rows`: the model rows that receive extra K/V, in order (`None`: every row). `feature_rows`: the bank row
-    each receiving row reads. `strengths`: each receiving row's strength before the block's scale (the schedule
-    inside the window; 0 for a row kept at strength 0 by `same_graph`): Python floats, or a `[R]` tensor under
-    `torch.compile` (where nothing may sync with the host)."""
+    `rows`: the model rows that receive its extra K/V, in order (`None`: every row). `feature_rows`: the bank row
+    each receiving row reads. `strengths`: each receiving row's strength before the block's and the reference's
+    scale (the schedule inside the window; 0 for a row kept at strength 0 by `same_graph`): Python floats, or a
+    `[R]` tensor under `torch.compile` (where nothing may sync with the host)."""
 
     rows: list[int] | None
     feature_rows: list[int]
     strengths: list[float] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """The merged plan of one denoiser call: `rows` receive extras from at least one reference (`None`: every
+    row); `parts` pairs each planned reference's index with its plan over exactly those rows (a row a reference
+    does not reach reads bank row 0 at strength 0)."""
+
+    rows: list[int] | None
+    parts: tuple[tuple[int, ReferencePlan], ...]
 
 
 def guidance_layout(guidance: str, family_layout: str | None, pipeline_cfg: bool, batch: int,
@@ -114,7 +124,7 @@ def assign_rows(roles: list[str], n_pos: int, n_neg: int, active: list[bool] | N
     return RowAssignment(rows, frows, frozenset(off))
 
 
-def plan_call(assignment: RowAssignment, strengths: list[float], batch: int, same_graph: bool) -> CallPlan | None:
+def plan_call(assignment: RowAssignment, strengths: list[float], batch: int, same_graph: bool) -> ReferencePlan | None:
     """The eager plan: `strengths` holds the schedule strength of every model row (`[B]`, 0 outside the window).
     Rows at strength 0 leave the plan (exact: they compute as unpatched) unless `same_graph`; None when no row
     is left."""
@@ -128,10 +138,10 @@ def plan_call(assignment: RowAssignment, strengths: list[float], batch: int, sam
             values.append(s)
     if not rows:
         return None
-    return CallPlan(None if rows == list(range(batch)) else rows, frows, values)
+    return ReferencePlan(None if rows == list(range(batch)) else rows, frows, values)
 
 
-def plan_call_tensor(assignment: RowAssignment, strengths: torch.Tensor | None, batch: int) -> CallPlan | None:
+def plan_call_tensor(assignment: RowAssignment, strengths: torch.Tensor | None, batch: int) -> ReferencePlan | None:
     """The plan under `torch.compile`: no host sync, so no row leaves the plan for its strength; `strengths` is
     the `[B]` (or `[1]`) schedule strength tensor, or None when it is 1 at every step (nothing to gate)."""
     rows = list(assignment.rows)
@@ -145,11 +155,42 @@ def plan_call_tensor(assignment: RowAssignment, strengths: torch.Tensor | None, 
         if assignment.off:
             keep = torch.tensor([r not in assignment.off for r in rows], dtype=values.dtype, device=values.device)
             values = values * keep
-    return CallPlan(None if rows == list(range(batch)) else rows, list(assignment.feature_rows), values)
+    return ReferencePlan(None if rows == list(range(batch)) else rows, list(assignment.feature_rows), values)
 
 
-def block_strengths(plan: CallPlan, scale: float) -> list[float] | torch.Tensor:
-    """The per-row strength in one block: the plan's strengths times the block's scale. `[R]`."""
+def merge(plans: dict[int, ReferencePlan | None], batch: int) -> CallPlan | None:
+    """One call plan from the references' plans (None where a reference has no row this call). One reference
+    keeps its plan as it is; several are aligned to the union of their rows."""
+    live = {i: p for i, p in plans.items() if p is not None}
+    if not live:
+        return None
+    if len(live) == 1:
+        (i, p), = live.items()
+        return CallPlan(p.rows, ((i, p),))
+    every = list(range(batch))
+    union = sorted({r for p in live.values() for r in (every if p.rows is None else p.rows)})
+    rows = None if union == every else union
+    parts = []
+    for i, p in live.items():
+        own = every if p.rows is None else p.rows
+        if own == union:
+            parts.append((i, ReferencePlan(rows, list(p.feature_rows), p.strengths)))
+            continue
+        where = {r: j for j, r in enumerate(own)}
+        frows = [p.feature_rows[where[r]] if r in where else 0 for r in union]
+        if isinstance(p.strengths, torch.Tensor):
+            idx = torch.tensor([where.get(r, 0) for r in union], device=p.strengths.device)
+            keep = torch.tensor([r in where for r in union], dtype=p.strengths.dtype, device=p.strengths.device)
+            values: list[float] | torch.Tensor = p.strengths[idx] * keep
+        else:
+            values = [p.strengths[where[r]] if r in where else 0.0 for r in union]
+        parts.append((i, ReferencePlan(rows, frows, values)))
+    return CallPlan(rows, tuple(parts))
+
+
+def block_strengths(plan: ReferencePlan, scale: float) -> list[float] | torch.Tensor:
+    """The per-row strength in one block: the plan's strengths times `scale` (the block's times the
+    reference's). `[R]`."""
     if isinstance(plan.strengths, torch.Tensor):
         return plan.strengths * scale
     return [s * scale for s in plan.strengths]

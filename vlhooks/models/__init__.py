@@ -1,4 +1,7 @@
-"""One file per DiT family; importing this package registers them all."""
+"""One file per DiT family; importing this package imports (and so registers) every family file in it."""
+
+import importlib
+import pkgutil
 
 from .base import (
     DiTFamily,
@@ -11,7 +14,9 @@ from .base import (
     load_transformer,
     register_family,
 )
-from . import flux, sd3, z_image  # noqa: F401  (registration)
+
+for _m in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"):
+    importlib.import_module(f".{_m}", __name__)
 
 __all__ = ["DiTFamily", "PromptEmbeds", "Site", "families", "family_for", "family_for_class", "family_named",
            "load_transformer", "register_family"]

@@ -65,6 +65,9 @@ class DiTFamily:
     batched_guidance: str | None = None
     # preset name -> regex over site names; "all" is the family's main blocks
     presets: dict[str, str] = {}
+    # `InjectionConfig.mode` values the family's processors implement exactly
+    modes: tuple[str, ...] = ("joint", "decoupled")
+    mode_note: str = ""  # why a mode is missing, for the error
     # `InjectionConfig.placement` values the family's processors implement
     placements: tuple[str, ...] = ("attention",)
     # diffusers pipeline classes whose transformer is of this family
@@ -195,6 +198,25 @@ class DiTFamily:
         return self.finish_kv(call, k_proj(x), v_proj(x))
 
     # ------------------------------------------------------------------ training objective
+    def prediction_and_target(
+        self,
+        transformer: nn.Module,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        sigma: torch.Tensor,
+        caption: torch.Tensor,
+        caption_mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own training objective at noise level `sigma` `[B]` in (0, 1): `(prediction, target)` for a
+        mean-squared error. `x0`, `noise` `[B, C, H, W]` (float32; the noisy input is cast to the model's dtype).
+        The default is flow matching: the model sees `(1 - sigma) x0 + sigma noise` and predicts `noise - x0`
+        (`velocity`); families trained otherwise (e.g. epsilon prediction) override it."""
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1.0 - s) * x0 + s * noise
+        dtype = next(transformer.parameters()).dtype
+        return self.velocity(transformer, x_t.to(dtype), sigma, caption, caption_mask, pooled), noise - x0
+
     def velocity(
         self,
         transformer: nn.Module,
@@ -208,6 +230,22 @@ class DiTFamily:
         with the family's own timestep and sign conventions. `latents` `[B, C, H, W]`, `sigma` `[B]`,
         `caption` `[B, L, C]` (`caption_mask` `[B, L]` bool, True = real), `pooled` `[B, P]`."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ image tokens (spatial masks)
+    def image_grid(self, transformer: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int]:
+        """`(h, w)` of the image-token grid of one denoiser call (row-major: token `i` is at `(i // w, i % w)`)."""
+        raise ConfigError(f"spatial masks (vh.Reference(mask=...)) are not implemented for {self.name}; "
+                          "drop the mask.")
+
+    def image_span(self, site: Site, block_args: tuple, block_kwargs: dict,
+                   grid: tuple[int, int]) -> tuple[int, int] | None:
+        """`(start, length)` of the image tokens in the site's attention query sequence (None: it has none);
+        `grid` is this call's `image_grid`."""
+        raise ConfigError(f"spatial masks (vh.Reference(mask=...)) are not implemented for {self.name}; "
+                          "drop the mask.")
+
+    def supports_masks(self) -> bool:
+        return type(self).image_grid is not DiTFamily.image_grid
 
     def image_tokens(self, block_args: tuple, block_kwargs: dict) -> int:
         """How many image tokens the block's attention sees, last in its sequence (placement `"block_output"`)."""
@@ -266,6 +304,21 @@ class DiTFamily:
                 if child is not None and any(True for _ in child.parameters()):
                     units.append(child)
         return units
+
+
+def grid_of(length: int, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> tuple[int, int]:
+    """The `(h, w)` grid of `length` image tokens: from integer row / column positions when given (the pipeline's
+    position ids), else a square; raises naming the fix when neither fits."""
+    if rows is not None and cols is not None and rows.numel() == length:
+        if bool((rows == rows.round()).all()) and bool((cols == cols.round()).all()):
+            h, w = int(rows.max()) + 1 - int(rows.min()), int(cols.max()) + 1 - int(cols.min())
+            if h * w == length:
+                return h, w
+    side = int(round(length ** 0.5))
+    if side * side == length:
+        return side, side
+    raise ConfigError(f"cannot tell the image-token grid of {length} tokens (no integer position ids and not a "
+                      "square); give masks through the pipeline, or pass position ids as the pipeline makes them.")
 
 
 @dataclass

@@ -19,13 +19,19 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from torch import nn
 
-from ..attention import BlockCall, attend_with_extras
+from ..attention import BlockCall, add_rows, attend_with_extras
 from .base import DiTFamily, PromptEmbeds, Site, arg, register_family, rows_of
 
 
 class SD3InjectionProcessor(JointAttnProcessor2_0):
     """`JointAttnProcessor2_0` that also attends to the extra K/V of the `block_call` its block hook passes.
-    Without a call it calls the original processor, so inactive steps are bit-identical."""
+    Without a call it calls the original processor, so inactive steps are bit-identical.
+
+    Placement `"image_joint"` (diffusers' `SD3IPAdapterJointAttnProcessor2_0`): the block's own attention is
+    untouched; its raw image queries and keys (before the block's qk-norm), normed by the projector's
+    `image_attention_norms(call)` (an IP-Adapter's own `norm_q` / `norm_k`; else the block's), attend in a
+    separate softmax to `[the block's image keys; the extra keys]` (values `[image values; extra values]`), and
+    the result times the strength joins the image stream's attention output before `to_out`."""
 
     def __init__(self, base: Any):
         super().__init__()
@@ -53,6 +59,7 @@ class SD3InjectionProcessor(JointAttnProcessor2_0):
         query = query.view(B, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
         key = key.view(B, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(B, -1, attn.heads, head_dim).transpose(1, 2)
+        raw = (query, key, value)  # the image stream's, before the block's qk-norm (placement "image_joint")
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -72,10 +79,15 @@ class SD3InjectionProcessor(JointAttnProcessor2_0):
         def sdpa(q, k, v, mask):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
-        hidden_states = attend_with_extras(query, key, value, None, call, sdpa, seq_dim=2)
+        if call.placement == "image_joint":
+            hidden_states = sdpa(query, key, value, None)  # the block's own, as the base computes it
+        else:
+            hidden_states = attend_with_extras(query, key, value, None, call, sdpa, seq_dim=2)
         hidden_states = hidden_states.transpose(1, 2).reshape(B, -1, attn.heads * head_dim).to(query.dtype)
 
         hidden_states, encoder_hidden_states = hidden_states[:, :residual_len], hidden_states[:, residual_len:]
+        if call.placement == "image_joint":
+            hidden_states = add_rows(hidden_states, _image_joint(attn, *raw, call, sdpa), call.rows)
         if not attn.context_pre_only:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         hidden_states = attn.to_out[0](hidden_states)
@@ -83,11 +95,39 @@ class SD3InjectionProcessor(JointAttnProcessor2_0):
         return hidden_states, encoder_hidden_states
 
 
+def _image_joint(attn, q, k, v, call: BlockCall, sdpa) -> torch.Tensor:
+    """Placement `"image_joint"`: the image queries `q` (`[B, H, L, Dh]`, raw) over `[image keys; extra keys]`,
+    times the strength, for the rows `call.rows`. `[R, L, H * Dh]`."""
+    ek, ev = call.extra_kv()  # [R, N, H, Dh]
+    norms = getattr(call.projector, "image_attention_norms", None)
+    norm_q, norm_k = norms(call) if norms is not None else (attn.norm_q, attn.norm_k)
+    q, k, v = rows_of(q, call.rows), rows_of(k, call.rows), rows_of(v, call.rows)
+    dtype = q.dtype
+    q = q if norm_q is None else norm_q(q).to(dtype)
+    k = k if norm_k is None else norm_k(k).to(dtype)
+    R = ek.shape[0]
+    q, k, v = q.expand(R, *q.shape[1:]), k.expand(R, *k.shape[1:]), v.expand(R, *v.shape[1:])
+    k = torch.cat([k, ek.transpose(1, 2).to(dtype)], dim=2)  # [R, H, L + N, Dh]
+    v = torch.cat([v, ev.transpose(1, 2).to(dtype)], dim=2)
+    bias = None
+    if call.key_mask is not None:  # padded extra tokens: -inf
+        ext = torch.zeros(call.key_mask.shape, dtype=dtype, device=q.device).masked_fill(~call.key_mask, float("-inf"))
+        bias = torch.cat([ext.new_zeros(R, q.shape[2]), ext], dim=1)[:, None, None, :]  # [R, 1, 1, L + N]
+    out = sdpa(q, k, v, bias)
+    out = out.transpose(1, 2).reshape(R, -1, out.shape[1] * out.shape[3]).to(dtype)  # [R, L, H Dh]
+    s = call.strength
+    if isinstance(s, list) and len(set(s)) == 1:
+        return out if s[0] == 1.0 else out * s[0]
+    s = s if isinstance(s, torch.Tensor) else torch.tensor(s)
+    return out * s.to(device=out.device, dtype=out.dtype).view(-1, 1, 1)
+
+
 class SD3Family(DiTFamily):
     name = "sd3"
     transformer_classes = ("SD3Transformer2DModel",)
     batched_guidance = "uncond_first"  # StableDiffusion3Pipeline: cat([negative, positive])
     presets = {"all": r"transformer_blocks\.\d+", "joint": r"transformer_blocks\.\d+"}
+    placements = ("attention", "image_joint")
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline",
                         "StableDiffusion3ControlNetPipeline")
     fsdp_children = {"joint": ("attn", "attn2", "ff", "ff_context")}
@@ -106,6 +146,15 @@ class SD3Family(DiTFamily):
 
     def to_progress(self, t):
         return 1.0 - t / 1000.0  # 1000 * sigma
+
+    def image_grid(self, transformer, args, kwargs):
+        latents = arg(args, kwargs, "hidden_states", 0)  # [B, C, H, W], patchified p x p
+        p = int(transformer.config.patch_size)
+        return int(latents.shape[-2]) // p, int(latents.shape[-1]) // p
+
+    def image_span(self, site, block_args, block_kwargs, grid):
+        # joint attention over [img, txt]
+        return 0, int(arg(block_args, block_kwargs, "hidden_states", 0).shape[1])
 
     def embed(self, transformer, tokens, mask, site, cache):
         return transformer.context_embedder(tokens)  # [B, N, D]

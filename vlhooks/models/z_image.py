@@ -139,6 +139,18 @@ class ZImageFamily(DiTFamily):
     def to_progress(self, t):
         return t  # the pipeline passes 1 - sigma already
 
+    def image_grid(self, transformer, args, kwargs):
+        x = arg(args, kwargs, "x", 0)[0]  # [C, F, H, W], patchified f x p x p
+        p, fp = int(transformer.config.all_patch_size[0]), int(transformer.config.all_f_patch_size[0])
+        return int(x.shape[1]) // fp * int(x.shape[2]) // p, int(x.shape[3]) // p
+
+    def image_span(self, site, block_args, block_kwargs, grid):
+        if site.kind == "context_refiner":
+            return None  # caption tokens only
+        # main layers: [image (padded to a multiple of 32), caption]; noise refiner: the image alone; the image
+        # tokens come first
+        return 0, grid[0] * grid[1]
+
     def check_call(self, args, kwargs):
         x = arg(args, kwargs, "x", 0)
         if len(x) and isinstance(x[0], (list, tuple)):

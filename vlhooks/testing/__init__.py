@@ -49,7 +49,6 @@ class TinyDiT:
 
 
 _TINY: dict[str, TinyDiT] = {}
-_MODULES = ("z_image", "flux", "sd3")  # one file per family; each registers its tiny models
 
 
 def register_tiny(tiny: TinyDiT) -> TinyDiT:
@@ -58,8 +57,11 @@ def register_tiny(tiny: TinyDiT) -> TinyDiT:
 
 
 def _all() -> dict[str, TinyDiT]:
+    """Every tiny model: each family file of this package registers its own on import."""
     if not _TINY:
-        for m in _MODULES:
+        import pkgutil
+
+        for m in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "parts"):
             importlib.import_module(f".{m}", __name__)
     return _TINY
 

@@ -1,0 +1,68 @@
+"""Every family, every mode it supports, on its tiny model (`vlhooks.testing`): exactness against the unpatched
+model, strength that moves the output, and bad widths refused with the model left unpatched."""
+
+import pytest
+import torch
+
+import vlhooks as vh
+from conftest import snapshot
+from vlhooks.testing import build, caption_width, inputs, names, output
+
+CASES = [(name, mode) for name in names() for mode in vh.family_for(build(name)).modes]
+
+
+def _feats(name, n=5, seed=4, width=None):
+    g = torch.Generator().manual_seed(seed)
+    return vh.VLFeatures(torch.randn(1, n, width or caption_width(name), generator=g))
+
+
+@pytest.mark.parametrize("name,mode", CASES)
+@torch.no_grad()
+def test_exact_when_off_and_after_removal(name, mode):
+    model = build(name)
+    kw = inputs(name, batch=2, progress=0.3)
+    base = output(model, kw)
+    before = snapshot(model)
+    feats = _feats(name)
+    with vh.inject(model, feats, vh.InjectionConfig(mode=mode, scale=0.0)):
+        assert torch.equal(output(model, kw), base), "scale 0"
+    with vh.inject(model, feats, vh.InjectionConfig(mode=mode, window=(0.5, 1.0))):
+        assert torch.equal(output(model, kw), base), "a window that excludes the step"
+    with vh.inject(model, feats, vh.InjectionConfig(mode=mode)):
+        patched = output(model, kw)
+    assert not torch.equal(patched, base), "scale 1 changes the output"
+    assert torch.equal(output(model, kw), base), "removal"
+    assert snapshot(model) == before
+
+
+@pytest.mark.parametrize("name,mode", CASES)
+@torch.no_grad()
+def test_more_strength_moves_the_output_further(name, mode):
+    model = build(name)
+    kw = inputs(name, batch=1, progress=0.3)
+    base = output(model, kw)
+    moved = []
+    for scale in (0.25, 1.0, 4.0):
+        with vh.inject(model, _feats(name), vh.InjectionConfig(mode=mode, scale=scale)):
+            moved.append(float((output(model, kw) - base).norm()))
+    assert 0.0 < moved[0] < moved[1] < moved[2], moved
+
+
+@pytest.mark.parametrize("name", names())
+def test_wrong_width_is_refused_naming_the_width(name):
+    model = build(name)
+    before = snapshot(model)
+    want = caption_width(name)
+    with pytest.raises(vh.FeatureError, match=f"is {want}"):
+        vh.apply_injection(model, _feats(name, width=want + 3))
+    assert snapshot(model) == before
+    assert vh.get_injection(model) is None
+
+
+@pytest.mark.parametrize("name", names())
+def test_presets_list_sites_of_the_model(name):
+    model = build(name)
+    sites = vh.list_sites(model)
+    presets = vh.list_presets(model)
+    assert "all" in presets and presets["all"]
+    assert all(set(v) <= set(sites) and v for v in presets.values())

@@ -1,0 +1,307 @@
+"""Several references: per-reference strength, blocks, window, spatial masks, negatives, K/V scaling, pooling and
+averaging, each against an independent reference (the model with one reference alone, the unpatched model, or a
+formula written here)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlhooks as vh
+from conftest import snapshot
+from vlhooks.attention import BlockCall, Segment, attend_with_extras
+from vlhooks.references import pool_tokens
+from vlhooks.testing import build, caption_width, inputs, output
+
+# one joint block of each family, its attention module, and the image-token grid of the tiny inputs
+BLOCKS = {"flux": ([0], "transformer_blocks.0.attn", (4, 4)), "z_image": ([1], "layers.1.attention", (4, 4)),
+          "sd3": ([1], "transformer_blocks.1.attn", (8, 8))}
+
+
+def _feats(family, seed, n=4):
+    return vh.VLFeatures(torch.randn(1, n, caption_width(family), generator=torch.Generator().manual_seed(seed)))
+
+
+def _image_rows(family, attn_out, grid):
+    """The attention output of the image tokens `[B, h * w, D]`."""
+    n = grid[0] * grid[1]
+    if family in ("flux", "sd3"):
+        return attn_out[0][:, :n]  # (image stream, text stream)
+    return attn_out[:, :n]  # Z-Image: [image (padded), caption]
+
+
+def _attention_output(model, family, refs, cfg, kw):
+    blocks, attn_name, grid = BLOCKS[family]
+    seen = {}
+    h = model.get_submodule(attn_name).register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+    try:
+        with torch.no_grad():
+            if refs is None:
+                output(model, kw)
+            else:
+                with vh.inject(model, refs, cfg):
+                    output(model, kw)
+    finally:
+        h.remove()
+    return _image_rows(family, seen["out"], grid)
+
+
+@pytest.mark.parametrize("family", list(BLOCKS))
+@pytest.mark.parametrize("mode", ["joint", "decoupled"])
+def test_disjoint_masks_give_each_region_its_own_reference(family, mode):
+    model = build(family)
+    kw = inputs(family, batch=1)
+    blocks, _, (h, w) = BLOCKS[family]
+    left = torch.zeros(h, w, dtype=torch.bool)
+    left[:, : w // 2] = True
+    right = ~left
+    a, b = _feats(family, 1), _feats(family, 2)
+    cfg = vh.InjectionConfig(blocks=blocks, mode=mode, guidance="none")
+    both = _attention_output(model, family, [vh.Reference(a, mask=left), vh.Reference(b, mask=right)], cfg, kw)
+    alone_a = _attention_output(model, family, [vh.Reference(a)], cfg, kw)
+    alone_b = _attention_output(model, family, [vh.Reference(b)], cfg, kw)
+    masked_a = _attention_output(model, family, [vh.Reference(a, mask=left)], cfg, kw)
+    plain = _attention_output(model, family, None, cfg, kw)
+    L, R = left.flatten(), right.flatten()
+    torch.testing.assert_close(both[:, L], alone_a[:, L], rtol=0, atol=1e-5)
+    torch.testing.assert_close(both[:, R], alone_b[:, R], rtol=0, atol=1e-5)
+    torch.testing.assert_close(masked_a[:, R], plain[:, R], rtol=0, atol=1e-5)  # outside its mask: unpatched
+    assert (masked_a[:, L] - plain[:, L]).abs().max() > 1e-4  # inside: it acts
+
+
+@pytest.mark.parametrize("family", ["flux", "z_image", "sd3"])
+def test_a_float_mask_scales_the_strength_per_query_in_decoupled_mode(family):
+    model = build(family)
+    kw = inputs(family, batch=1)
+    blocks, _, (h, w) = BLOCKS[family]
+    weight = torch.rand(h, w, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.1
+    cfg = vh.InjectionConfig(blocks=blocks, mode="decoupled", guidance="none")
+    feats = _feats(family, 1)
+    plain = _attention_output(model, family, None, cfg, kw)
+    full = _attention_output(model, family, [vh.Reference(feats)], cfg, kw)
+    weighted = _attention_output(model, family, [vh.Reference(feats, mask=weight)], cfg, kw)
+    # decoupled: out = own + m_q * added; to_out is linear, so the added part scales by m_q after it as well
+    expected = plain + weight.flatten()[None, :, None] * (full - plain)
+    torch.testing.assert_close(weighted, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["flux", "z_image", "sd3"])
+@pytest.mark.parametrize("mode", ["joint", "decoupled"])
+@torch.no_grad()
+def test_a_reference_at_scale_zero_or_outside_its_window_changes_nothing(family, mode):
+    model = build(family)
+    kw = inputs(family, batch=2, progress=0.3)
+    a, b = _feats(family, 1), _feats(family, 2, n=6)
+    cfg = vh.InjectionConfig(mode=mode)
+    with vh.inject(model, [vh.Reference(a, scale=0.7)], cfg):
+        alone = output(model, kw)
+    for off in (vh.Reference(b, scale=0.0), vh.Reference(b, window=(0.5, 1.0))):
+        with vh.inject(model, [vh.Reference(a, scale=0.7), off], cfg):
+            torch.testing.assert_close(output(model, kw), alone, rtol=0, atol=1e-6)
+    with vh.inject(model, [vh.Reference(a, scale=0.7), vh.Reference(b, window=(0.2, 0.4))], cfg):
+        assert (output(model, kw) - alone).abs().max() > 1e-5  # inside its window it acts
+
+
+@pytest.mark.parametrize("family", ["flux", "z_image", "sd3"])
+@torch.no_grad()
+def test_one_reference_equals_the_features_form(family):
+    model = build(family)
+    kw = inputs(family, batch=2)
+    feats = _feats(family, 3)
+    for mode in ("joint", "decoupled"):
+        with vh.inject(model, feats, vh.InjectionConfig(mode=mode, scale=0.6)):
+            plain_form = output(model, kw)
+        with vh.inject(model, [vh.Reference(feats, scale=0.5)], vh.InjectionConfig(mode=mode, scale=1.2)):
+            assert torch.equal(output(model, kw), plain_form)  # 1.2 x 0.5 = 0.6, the same float
+        with vh.inject(model, vh.Reference(feats, scale=0.6), vh.InjectionConfig(mode=mode)):
+            assert torch.equal(output(model, kw), plain_form)
+
+
+@torch.no_grad()
+def test_per_reference_blocks_equal_applying_each_block_set_alone():
+    """Two references on disjoint blocks equal nesting: each block sees only its own reference."""
+    model = build("flux")
+    kw = inputs("flux", batch=1)
+    a, b = _feats("flux", 1), _feats("flux", 2)
+    with vh.inject(model, [vh.Reference(a, blocks=[0]), vh.Reference(b, blocks=[3])], vh.InjectionConfig(blocks=[0])):
+        both = output(model, kw)
+    with vh.inject(model, [vh.Reference(a, blocks=[0])], vh.InjectionConfig(blocks=[0])):
+        only_a = output(model, kw)
+    assert not torch.equal(both, only_a)
+    # the same patch through the config's blocks for the other reference
+    with vh.inject(model, [vh.Reference(a, blocks=[0]), vh.Reference(b)], vh.InjectionConfig(blocks=[3])):
+        assert torch.equal(output(model, kw), both)
+
+
+def _call(q, k_len, segments, mode="joint", kv_scaling="kv", span=None):
+    H, D = q.shape[2], q.shape[3]
+    first = segments[0]
+    return BlockCall(site=None, transformer=None, family=None, projector=None, block_args=(), block_kwargs={},
+                     rows=None, strength=first.strength, embedded=first.embedded, pre_normed=None,
+                     key_mask=first.key_mask, mode=mode, segments=segments, kv_scaling=kv_scaling, image_span=span)
+
+
+def _softmax_attn(q, k, v, bias=None):
+    """float64 reference: `[B, L, H, D]` layout."""
+    logits = torch.einsum("blhd,bnhd->bhln", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias.double()
+    return torch.einsum("bhln,bnhd->blhd", logits.softmax(-1), v.double())
+
+
+@pytest.mark.parametrize("how", ["kv", "v_only", "kv_penalty", "k_mean_v"])
+@pytest.mark.parametrize("mode", ["joint", "decoupled"])
+def test_kv_scaling_modes_follow_their_formulas(how, mode):
+    g = torch.Generator().manual_seed(0)
+    B, L, N, H, D = 2, 5, 3, 2, 4
+    q, k, v = (torch.randn(B, L, H, D, generator=g) for _ in range(3))
+    ek, ev = torch.randn(B, N, H, D, generator=g), torch.randn(B, N, H, D, generator=g)
+    s = [2.5, 0.4]
+    seg = Segment(0, torch.zeros(B, N, 1), None, None, s)
+    call = _call(q, L, [seg], mode=mode, kv_scaling=how)
+    call.k, call.v = ek, ev
+    if how != "kv":
+        from vlhooks.attention import scale_kv
+
+        call.k, call.v = scale_kv(ek, ev, s, how)  # as `extra_kv` applies it
+    sdpa = lambda q_, k_, v_, m: F.scaled_dot_product_attention(  # noqa: E731
+        q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), attn_mask=m).transpose(1, 2)
+    got = attend_with_extras(q, k, v, None, call, sdpa, seq_dim=1)
+    st = torch.tensor(s, dtype=torch.float64).view(-1, 1, 1, 1)
+    if how == "kv":
+        k2, v2 = ek, ev
+    elif how == "v_only":
+        k2, v2 = ek, ev * st
+    elif how == "kv_penalty":
+        k2, v2 = ek * torch.clamp(1 / torch.clamp(st, min=1.0), min=0.5), ev * st
+    else:
+        m = ev.double().mean(1, keepdim=True)
+        k2, v2 = ek, (ev.double() - m) + st * m
+    if mode == "joint":
+        bias = torch.zeros(B, 1, 1, L + N, dtype=torch.float64)
+        if how == "kv":
+            bias[..., L:] = torch.log(st).view(B, 1, 1, 1)
+        want = _softmax_attn(q, torch.cat([k, k2.to(k.dtype)], 1), torch.cat([v, v2.to(v.dtype)], 1), bias)
+    else:
+        own = _softmax_attn(q, k, v)
+        added = _softmax_attn(q, k2.to(k.dtype), v2.to(v.dtype))
+        want = own + (st * added if how == "kv" else added)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+def test_mean_pooling_of_729_tokens_to_64_follows_the_group_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 729, 8, generator=g, dtype=torch.float64)
+    got = pool_tokens(x, None, 64, "mean")
+    want = torch.stack([x[:, (j * 729) // 64: -(-(j + 1) * 729 // 64)].mean(1) for j in range(64)], 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    mask = torch.ones(2, 729, dtype=torch.bool)
+    mask[1, 720:] = False  # padded tokens do not count
+    got = pool_tokens(x, mask, 64, "mean")
+    j = 63  # tokens 717..728, three of them real
+    lo, hi = (j * 729) // 64, -(-(j + 1) * 729 // 64)
+    torch.testing.assert_close(got[1, j], x[1, lo:hi][mask[1, lo:hi]].mean(0), rtol=0, atol=1e-12)
+    att = pool_tokens(x, None, 64, "attention")
+    means = pool_tokens(x, None, 64, "mean")
+    want = torch.softmax(means @ x.transpose(1, 2) / math.sqrt(8), -1) @ x
+    torch.testing.assert_close(att, want, rtol=0, atol=1e-12)
+    interp = pool_tokens(x, None, 64, "interpolate")
+    assert torch.equal(interp[:, 0], x[:, 0]) and torch.equal(interp[:, -1], x[:, -1])
+
+
+@torch.no_grad()
+def test_max_tokens_pools_a_reference_before_it_is_injected():
+    model = build("flux")
+    kw = inputs("flux")
+    feats = vh.VLFeatures(torch.randn(1, 729, 32, generator=torch.Generator().manual_seed(0)))
+    pooled = vh.VLFeatures(pool_tokens(feats.tokens, None, 64, "mean"))
+    with vh.inject(model, pooled):
+        want = output(model, kw)
+    with vh.inject(model, feats, vh.InjectionConfig(max_tokens=64)):
+        assert torch.equal(output(model, kw), want)
+
+
+@torch.no_grad()
+def test_negative_features_reach_only_the_unconditional_rows():
+    model = build("z_image")
+    kw = inputs("z_image", batch=2)  # [cond, uncond]
+    pos, neg = _feats("z_image", 1), _feats("z_image", 2)
+    cfg = vh.InjectionConfig(guidance="cond_first")
+    plain = output(model, kw)
+    with vh.inject(model, [vh.Reference(pos)], cfg):
+        no_neg = output(model, kw)
+    with vh.inject(model, [vh.Reference(pos, negative=neg)], cfg):
+        with_neg = output(model, kw)
+    assert torch.equal(no_neg[1], plain[1])  # unconditional: untouched without negatives
+    assert torch.equal(with_neg[0], no_neg[0])  # conditional: the negative does not reach it
+    alone = {k: (v[1:] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 2 else v) for k, v in kw.items()}
+    alone["x"], alone["cap_feats"] = kw["x"][1:], kw["cap_feats"][1:]
+    with vh.inject(model, neg, vh.InjectionConfig(guidance="none")):
+        torch.testing.assert_close(with_neg[1], output(model, alone)[0], rtol=0, atol=1e-5)  # as if the reference
+
+
+@torch.no_grad()
+def test_average_is_the_weighted_mean_of_the_features():
+    model = build("flux")
+    kw = inputs("flux")
+    a, b = _feats("flux", 1), _feats("flux", 2)
+    mean = vh.VLFeatures(0.75 * a.tokens + 0.25 * b.tokens)
+    with vh.inject(model, mean):
+        want = output(model, kw)
+    with vh.inject(model, [vh.Reference(a, scale=3.0), vh.Reference(b, scale=1.0)],
+                   vh.InjectionConfig(combine="average")):
+        torch.testing.assert_close(output(model, kw), want, rtol=0, atol=1e-6)
+
+
+def test_live_handle_updates_references_and_their_scales():
+    model = build("flux")
+    kw = inputs("flux")
+    a, b = _feats("flux", 1), _feats("flux", 2)
+    with torch.no_grad():
+        with vh.inject(model, [vh.Reference(a), vh.Reference(b, scale=0.3)]) as h:
+            first = output(model, kw)
+            h.set_scale(1, 0.0)
+            only_a = output(model, kw)
+            h.set_references([vh.Reference(b, scale=0.3), vh.Reference(a)])
+            swapped = output(model, kw)
+        with vh.inject(model, [vh.Reference(a)]):
+            torch.testing.assert_close(only_a, output(model, kw), rtol=0, atol=1e-6)
+    torch.testing.assert_close(swapped, first, rtol=0, atol=1e-5)  # order of concatenated keys does not matter
+    with pytest.raises(vh.ConfigError, match="out of range"):
+        vh.apply_injection(model, a).set_scale(3, 1.0)
+    vh.remove_injection(model)
+
+
+@pytest.mark.parametrize("bad,err,match", [
+    (lambda f: [vh.Reference(f, mask=torch.ones(4, dtype=torch.bool))], vh.FeatureError, r"\[H, W\] or \[B, H, W\]"),
+    (lambda f: [vh.Reference(f, mask=torch.zeros(4, 4, dtype=torch.bool))], vh.FeatureError, "all False"),
+    (lambda f: [vh.Reference(f, mask=torch.full((4, 4), float("nan")))], vh.FeatureError, "NaN"),
+    (lambda f: [vh.Reference(f, mask=torch.ones(3, 5, dtype=torch.bool))], vh.FeatureError, "image-token grid"),
+    (lambda f: [vh.Reference(f, scale=float("nan"))], vh.ConfigError, "finite"),
+    (lambda f: [vh.Reference(f, scale=-1.0)], vh.ConfigError, "joint mode"),
+    (lambda f: [vh.Reference(f, window=(0.8, 0.2))], vh.ConfigError, "start > end"),
+    (lambda f: [vh.Reference(f, blocks=[99])], vh.ConfigError, "out of range"),
+])
+def test_bad_references_are_named_errors_and_leave_the_model_unpatched(bad, err, match):
+    model = build("flux")
+    before = snapshot(model)
+    feats = _feats("flux", 1)
+    with pytest.raises(err, match=match):
+        refs = bad(feats)
+        with vh.inject(model, refs):
+            output(model, inputs("flux"))
+    assert snapshot(model) == before and vh.get_injection(model) is None
+
+
+def test_average_of_references_of_different_widths_or_lengths_is_refused():
+    model = build("flux")
+    before = snapshot(model)
+    a = _feats("flux", 1)
+    b = _feats("flux", 2, n=7)
+    with pytest.raises(vh.FeatureError, match="one token count"):
+        vh.apply_injection(model, [vh.Reference(a), vh.Reference(b)], vh.InjectionConfig(combine="average"))
+    with pytest.raises(vh.ConfigError, match="combine='concat'"):
+        vh.apply_injection(model, [vh.Reference(a, mask=torch.ones(4, 4)), vh.Reference(a)],
+                           vh.InjectionConfig(combine="average"))
+    assert snapshot(model) == before
