@@ -79,33 +79,16 @@ def digit_classifier(seed: int = 0) -> tuple[DigitClassifier, float]:
     return DigitClassifier(w, acc), acc
 
 
-@torch.no_grad()
-def sample(family, dit, caption: torch.Tensor, mask: torch.Tensor, empty: torch.Tensor, empty_mask: torch.Tensor,
-           n: int, cfg: float, steps: int, seed: int, shape=(1, 16, 16)) -> torch.Tensor:
-    """`n` samples for one caption `[1, L, C]`, CFG against `empty` `[1, L0, C]`. Returns `[n, C, H, W]`."""
-    x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
-    sig = torch.linspace(1.0, 0.0, steps + 1)
-    cap, cm = caption.expand(n, -1, -1), mask.expand(n, -1)
-    emp, em = empty.expand(n, -1, -1), empty_mask.expand(n, -1)
-    for i in range(steps):
-        s = sig[i].expand(n)
-        v = family.velocity(dit, x, s, cap, cm)
-        if cfg != 1.0:
-            vu = family.velocity(dit, x, s, emp, em)
-            v = vu + cfg * (v - vu)
-        x = x + (sig[i + 1] - sig[i]) * v
-    return x
-
-
 def evaluate(dit_path: str, per_class: int = 20, cfg: float = 3.0, steps: int = 25, seed: int = 123) -> dict:
-    from diffusers import ZImageTransformer2DModel
     from tqdm.auto import tqdm
 
     import vlhooks as vh
     from vlhooks.encoders import load_minilm
+    from vlhooks.models import load_transformer
+    from vlhooks.sampling import euler_sample
 
     t0 = time.time()
-    dit = ZImageTransformer2DModel.from_pretrained(dit_path).eval()
+    dit = load_transformer(dit_path)
     fam = vh.family_for(dit)
     enc = load_minilm()
     caps = enc.tokens([f"a handwritten digit {d}" for d in DIGITS])
@@ -113,8 +96,11 @@ def evaluate(dit_path: str, per_class: int = 20, cfg: float = 3.0, steps: int = 
     clf, clf_acc = digit_classifier()
     correct = []
     for k in tqdm(range(10), desc="sampling digits", unit="class"):
-        m = caps.mask[k : k + 1]
-        x = sample(fam, dit, caps.tokens[k : k + 1], m, empty.tokens, empty.mask, per_class, cfg, steps, seed + k)
+        noise = torch.randn((per_class, 1, 16, 16), generator=torch.Generator().manual_seed(seed + k))
+        guided = {} if cfg == 1.0 else {"uncond": empty.tokens.expand(per_class, -1, -1),
+                                        "uncond_mask": empty.mask.expand(per_class, -1)}
+        x = euler_sample(fam, dit, noise, caps.tokens[k : k + 1].expand(per_class, -1, -1),
+                         caps.mask[k : k + 1].expand(per_class, -1), steps=steps, cfg=cfg, **guided)
         pred = clf.predict(x.reshape(per_class, -1).clamp(-1, 1).numpy())
         correct.append(float((pred == k).mean()))
     return {"class_accuracy": float(np.mean(correct)), "per_class": correct, "samples": 10 * per_class,

@@ -1,8 +1,6 @@
-"""Fixed-seed samples during training: a plain Euler flow-matching sampler over `DiTFamily.velocity`.
-
-The sampler integrates `dx/dsigma = v` from sigma 1 (noise) to 0 on a uniform grid, through the same injection
-handle as training, so a sample shows what the adapter does at this step. Pixel-space latents are saved as
-images; other latents as their first channels, min-max scaled (a preview, not a decode).
+"""Fixed-seed samples during training (`SampleImages`), drawn with `vlhooks.sampling.euler_sample` through the
+same injection handle as training, so a sample shows what the adapter does at this step. Latents are saved as
+images: pixel-space ones as they are, others as their first channels clamped to [-1, 1] (a preview, not a decode).
 """
 
 from __future__ import annotations
@@ -14,25 +12,8 @@ import numpy as np
 import torch
 
 import vlhooks as vh
-
-
-@torch.no_grad()
-def euler_sample(family, dit, caption: torch.Tensor, caption_mask: torch.Tensor | None, shape: tuple, steps: int,
-                 seed: int, pooled: torch.Tensor | None = None) -> torch.Tensor:
-    """`x0` of shape `shape` from the seeded noise. `caption` `[B, L, C]`."""
-    p = next(dit.parameters())
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)  # [B, C, H, W]
-    sigmas = torch.linspace(1.0, 0.0, steps + 1, device=p.device)
-    for i in range(steps):
-        v = family.velocity(dit, x, sigmas[i].expand(shape[0]), caption.to(p.dtype), caption_mask, pooled)
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
-    return x.float()
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """`[C, H, W]` in [-1, 1] (pixels) -> HxWx3 uint8."""
-    x = x[:3] if x.shape[0] >= 3 else x[:1].expand(3, -1, -1)
-    return x.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+from vlhooks.images import to_uint8
+from vlhooks.sampling import euler_sample
 
 
 class SampleImages(L.Callback):
@@ -59,14 +40,14 @@ class SampleImages(L.Callback):
             # the precision plugin's forward context, as in a training step (FSDP's bf16 mixed precision casts the
             # DiT's weights for compute and relies on autocast for the inputs); the adapter whole on every rank
             with trainer.precision_plugin.forward_context(), pl_module.full_adapter():
-                out = euler_sample(pl_module.family, pl_module.dit, cap, mask, tuple(lat.shape), self.steps, self.seed)
+                noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(self.seed))  # [B, C, H, W]
+                out = euler_sample(pl_module.family, pl_module.dit, noise, cap, mask, steps=self.steps)
         finally:
             pl_module.train(was_training)
         if not trainer.is_global_zero:
             return
-        out = out.float()
-        tiles = [np.concatenate([_to_uint8(lat[i]), _to_uint8(out[i])], 0) for i in range(len(rows))]
-        img = Image.fromarray(np.concatenate(tiles, 1))
+        tiles = [np.concatenate([to_uint8(lat[i]), to_uint8(out[i])], 0) for i in range(len(rows))]
+        img = Image.fromarray(np.concatenate(tiles, 1)).convert("RGB")
         img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
         path = self.run_dir / "samples" / f"step-{trainer.global_step}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

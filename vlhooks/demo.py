@@ -21,6 +21,7 @@ import torch
 
 from .config import InjectionConfig
 from .features import VLFeatures
+from .images import to_uint8
 from .injection import inject
 
 CAPTION_WIDTH = 16
@@ -71,11 +72,6 @@ def reference_features(names=REFERENCES, size: int = 32, patch: int = 8, seed: i
     return feats, photos
 
 
-def _to_uint8(latent: torch.Tensor) -> np.ndarray:
-    x = latent.float().clamp(-1, 1).add(1).mul(127.5).round().byte()  # [3, H, W]
-    return x.permute(1, 2, 0).numpy()
-
-
 def run(out_dir: str = "outputs/demo", steps: int = 8, size: int = 32, seed: int = 0) -> dict:
     from PIL import Image, ImageDraw
     from tqdm.auto import tqdm
@@ -109,10 +105,10 @@ def run(out_dir: str = "outputs/demo", steps: int = 8, size: int = 32, seed: int
                         img = generate()
                 joint = img if arm == "zero-shot joint" else joint
                 stats["arms"].setdefault(arm, []).append(float((img - plain).abs().mean()))
-                row.append(_to_uint8(img))
+                row.append(to_uint8(img))
                 bar.update()
             diff = (joint - plain).abs().mean(0, keepdim=True)  # [1, H, W]
-            row.append(_to_uint8((diff / diff.max().clamp_min(1e-8) * 2 - 1).expand(3, -1, -1)))
+            row.append(to_uint8((diff / diff.max().clamp_min(1e-8) * 2 - 1).expand(3, -1, -1)))
             grid.append(row)
         bar.close()
         restored = torch.equal(generate(), plain)

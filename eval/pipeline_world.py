@@ -1,8 +1,9 @@
-"""The `pipeline` world of `vlhooks compare`: a diffusers pipeline folder (Z-Image, Flux, SD3) and reference images.
+"""The `pipeline` world of `vlhooks compare`: a diffusers pipeline folder (any supported family) and reference images.
 
 Each arm calls the pipeline's own `__call__` with the config's `generate` arguments and a fixed generator per
-(reference, seed); K/V arms run under `vh.inject`, the blend arm passes blended `prompt_embeds` (from the
-pipeline's own `encode_prompt`). No labels exist here, so only the label-free metrics are computed.
+(reference, seed); K/V arms run under `vh.inject`, the blend arm passes blended caption embeddings (from the
+pipeline's own `encode_prompt`, passed back as the family's `prompt_kwargs`). No labels exist here, so only the
+label-free metrics are computed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .compare import Arm, CompareError
+from vlhooks.errors import CompareError
+from vlhooks.images import resize
+
+from .arms import INJECTING, Arm
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -37,40 +41,35 @@ class PipelineWorld:
     def __init__(self, cfg: dict[str, Any]):
         from diffusers import DiffusionPipeline
 
+        import vlhooks as vh
         from vlhooks.train.encoders import image_encoder
 
-        import vlhooks as vh
-
         self.cfg = cfg
-        spec = dict(cfg.get("pipeline") or {})
-        if not spec.get("path"):
-            raise CompareError("world 'pipeline' needs pipeline.path (a diffusers pipeline folder or hub id).")
+        spec = dict(cfg["pipeline"])  # checked by `check_config`
         dtype = getattr(torch, spec.get("dtype", "float32"))
         self.device = spec.get("device", "cuda" if torch.cuda.is_available() else "cpu")
         self.pipe = DiffusionPipeline.from_pretrained(spec["path"], torch_dtype=dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.dit = self.pipe.transformer
-        self.kind = type(self.pipe).__name__
+        self.family = vh.family_for(self.dit)
         self.generate_kwargs = dict(cfg.get("generate") or {})
         self.ref_images, self.ref_names = load_references(cfg["references"])
-        size = int(spec.get("metric_size", 128))
-        from PIL import Image
-
-        self.ref_small = [np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC)) for a in self.ref_images]
+        self.metric_size = int(spec.get("metric_size", 128))  # large pipeline images are scored at this size
+        self.ref_small = [resize(a, self.metric_size) for a in self.ref_images]
         self.real_images = self.ref_small
         tokens, mask = image_encoder(dict(cfg["encoder"]))(self.ref_images)  # [R, N, D]
         self.features = vh.VLFeatures(tokens.float(), mask=mask)
-        self.metric_size = size
+        size = self.metric_size
         self.score_size = max(56, min(224, size - size % 14))  # DINOv2-S / EfficientNet-Lite0 input size
 
     def _blend_embeds(self, prompt: str, rows: list[int]) -> dict[str, Any]:
+        """The pipeline `__call__` arguments carrying the prompt's caption embeddings blended with references `rows`."""
         from vlhooks.blend import blend
         from vlhooks.normalize import match_global_std
-        from vlhooks.train.encoders import PipelineCaptionEncoder
 
         n = int(self.generate_kwargs.get("max_sequence_length", 512))
-        enc = PipelineCaptionEncoder.from_pipe(self.pipe, n, self.device)([prompt])
-        text = enc["sequences"][0]  # [Lt, C]
+        enc = self.family.encode_prompt(self.pipe, [prompt], self.device, n)
+        text = enc.sequences[0]  # [Lt, C]
         if text.shape[-1] != self.features.width:
             raise CompareError(f"the blend arm needs features of the caption width {text.shape[-1]}, got "
                                f"{self.features.width}; choose an encoder of that width or drop the blend arm.")
@@ -79,13 +78,8 @@ class PipelineWorld:
         mixed = blend(text.expand(len(rows), -1, -1), vl, b["mode"], b.get("alpha", 0.5),
                       **{k: v for k, v in b.items() if k not in ("mode", "alpha")})  # [r, L, C]
         p = next(self.dit.parameters())
-        mixed = mixed.to(self.device, p.dtype)
-        if self.kind.startswith("ZImage"):
-            return {"prompt_embeds": list(mixed)}
-        out = {"prompt_embeds": mixed}
-        if enc["pooled"] is not None:
-            out["pooled_prompt_embeds"] = enc["pooled"].to(self.device, p.dtype).expand(len(rows), -1)
-        return out
+        pooled = None if enc.pooled is None else enc.pooled.to(self.device, p.dtype).expand(len(rows), -1)  # [r, P]
+        return self.family.prompt_kwargs(mixed.to(self.device, p.dtype), pooled)
 
     @torch.no_grad()
     def generate(self, arm: Arm, prompt: str, seeds: list[int], adapter=None) -> torch.Tensor:
@@ -107,16 +101,17 @@ class PipelineWorld:
                 kw.update(self._blend_embeds(prompt, rows))
             else:
                 kw["prompt"] = [prompt] * len(rows)
-            if arm.kind in ("zero-shot", "adapter", "random"):
+            if arm.kind in INJECTING:
                 mask = None if self.features.mask is None else self.features.mask[rows]
                 feats = vh.VLFeatures(self.features.tokens[rows], mask=mask)
                 config = vh.InjectionConfig.from_dict(self.cfg["injection"])
                 with vh.inject(self.pipe, feats, config, adapter=adapter):
-                    images = self.pipe(**kw).images
+                    images = self.pipe(**kw).images  # [r, H, W, 3] in [0, 1]
             else:
                 images = self.pipe(**kw).images
             outs.append(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() * 2.0 - 1.0)
         return torch.cat(outs)
 
     def label_metrics(self, samples: torch.Tensor) -> dict[str, np.ndarray]:
+        """None: no labels in this world."""
         return {}
