@@ -86,6 +86,7 @@ class Injector:
         self.references: list[Prepared] = []
         self.active: list[bool] | None = None  # per feature row of reference 0; False = no injection (image drop)
         self.grid: tuple[int, int] | None = None  # the image-token grid of the current call (spatial masks only)
+        self.call_memo: dict = {}  # `DiTFamily.call_role`'s memory of earlier calls
         # True: a conditional row that injects nothing in a call (switched off by `active`, or outside the window)
         # stays in the plan with strength 0 (its extra keys get a -inf logit; a decoupled output is multiplied by
         # 0) instead of leaving it, so every call runs the extras through the same modules whatever the data.
@@ -175,7 +176,7 @@ class Injector:
                 raise FeatureError(f"active has {len(active)} entries but features have "
                                    f"{prepared[0].features.batch_size} rows.")
         self.references, self.active = prepared, active
-        self.cache = {}  # nothing stale after new references
+        self.cache, self.call_memo = {}, {}  # nothing stale after new references
 
     def set_features(self, feats: VLFeatures, negative: VLFeatures | None = None,
                      active: list[bool] | None = None) -> None:
@@ -243,6 +244,8 @@ class Injector:
         batch = fam.batch_size(args, kwargs)
         pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
         guided = pipe is not None and bool(getattr(pipe, "do_classifier_free_guidance", False))
+        if guided and context_name is None and cfg.guidance == "auto":
+            context_name = fam.call_role(args, kwargs, self.call_memo)
         feature_batch = max(ref.features.batch_size for ref in self.references)
         layout = planning.guidance_layout(cfg.guidance, fam.batched_guidance, guided, batch, feature_batch)
         roles = planning.row_roles(batch, layout, context_name)
@@ -381,4 +384,4 @@ class Injector:
         for name, base in self.original_processors.items():
             by_name[name].attention(self.transformer).set_processor(base)
         self.original_processors.clear()
-        self.cache, self.forward_cache, self.plan, self.timestep = {}, {}, None, None
+        self.cache, self.forward_cache, self.plan, self.timestep, self.call_memo = {}, {}, None, None, {}

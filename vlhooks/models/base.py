@@ -148,6 +148,13 @@ class DiTFamily:
     def check_call(self, args: tuple, kwargs: dict) -> None:
         """Raise for a call the injection cannot serve (e.g. an unsupported input mode)."""
 
+    def call_role(self, args: tuple, kwargs: dict, memo: dict) -> str | None:
+        """For pipelines that make separate conditional / unconditional calls WITHOUT diffusers'
+        `cache_context("uncond")`: `"uncond"` when this call is the unconditional one, else None. Asked only while
+        a guiding pipeline drives the model; `memo` is the injector's, kept between calls (cleared with new
+        references) for what the family needs to remember of the previous call."""
+        return None
+
     # ------------------------------------------------------------------ the text path, zero-shot
     def embed_key(self, site: Site) -> Hashable:
         """Sites with the same key share one embedding of the features (one per generation)."""
