@@ -24,6 +24,8 @@ _EXPORTS = {
     "get_injection": "injection",
     "list_sites": "injection",
     "list_presets": "injection",
+    "encode": "encoding",
+    "load_features": "encoding",
     "Projector": "projector",
     "ZeroShotProjector": "projector",
     "load_adapter": "adapters",
@@ -80,6 +82,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
     from .blend import BLEND_MODES, blend, resample_tokens
     from .config import InjectionConfig
+    from .encoding import encode, load_features
     from .errors import (
         AdapterError,
         CheckpointError,

@@ -173,6 +173,7 @@ def apply_injection(
     config: InjectionConfig | None = None,
     adapter: Any = None,
     negative_features: VLFeatures | None = None,
+    encoder: Any = None,
 ) -> InjectionHandle:
     """Patch `target` (a diffusers pipeline or its transformer) to inject references as extra K/V.
 
@@ -181,14 +182,17 @@ def apply_injection(
     Args:
         target: a `ZImagePipeline` / `FluxPipeline` / `StableDiffusion3Pipeline` (or any pipeline with a
             supported `.transformer`), or the transformer itself.
-        features: what to inject: `VLFeatures`, a `vh.Reference`, or a list of them (several references, each
-            with its own scale, blocks, window, schedule, mask and negative features); `None` patches now and
-            waits for `handle.set_features` / `handle.set_references`.
+        features: what to inject: `VLFeatures`, an image (a PIL image, a path, an array or tensor, or a list of
+            them: one reference, a row per image), a `vh.Reference`, or a list of references (each with its own
+            scale, blocks, window, schedule, mask and negative features); `None` patches now and waits for
+            `handle.set_features` / `handle.set_references`.
         config (`InjectionConfig`): where, when, how strongly (defaults: the adapter's own, else all main blocks,
             whole run, scale 1).
         adapter: a trained adapter (`vh.load_adapter`); `None` is zero-shot (the block's own text path).
         negative_features (`VLFeatures`, *optional*): injected into unconditional rows instead of nothing (for one
             reference given as features; a `vh.Reference` carries its own `negative`).
+        encoder: turns images into features: a name (`"dinov2-small"`, `"siglip"`, `"qwen3-vl"`, a folder or hub
+            id), a spec dict, or an extractor; None uses the encoder the adapter records (`feature_source`).
 
     Returns:
         `InjectionHandle` with `set_features`, `set_references`, `set_scale`, `remove`.
@@ -251,7 +255,7 @@ def apply_injection(
             adapter.check_target(family, transformer, sites)
         if hasattr(adapter, "bind"):
             adapter.bind(family, transformer)
-    injector = Injector(transformer, pipeline, family, sites, config, projector)
+    injector = Injector(transformer, pipeline, family, sites, config, projector, encoder=encoder)
     if refs is not None:
         injector.set_references(refs)
     injector.install()
@@ -263,18 +267,20 @@ def apply_injection(
 @contextlib.contextmanager
 def inject(
     target: Any,
-    features: VLFeatures | None,
+    features: Any,
     config: InjectionConfig | None = None,
     adapter: Any = None,
     negative_features: VLFeatures | None = None,
+    encoder: Any = None,
 ) -> Iterator[InjectionHandle]:
     """Scoped `apply_injection`: the model is restored on leaving the block, also on an exception.
 
     Example:
-        >>> with vh.inject(pipe, feats, vh.InjectionConfig(scale=0.8)) as handle:
+        >>> with vh.inject(pipe, "reference.png", adapter=vh.load_adapter("checkpoints/toy-projection/final")):
         ...     image = pipe(prompt).images[0]
     """
-    handle = apply_injection(target, features, config, adapter=adapter, negative_features=negative_features)
+    handle = apply_injection(target, features, config, adapter=adapter, negative_features=negative_features,
+                             encoder=encoder)
     try:
         yield handle
     finally:

@@ -33,6 +33,7 @@ from .hooks import (
 )
 from .models.base import DiTFamily, Site
 from .projector import Projector, ZeroShotProjector
+from .encoding import features_of
 from .references import Prepared, Reference, average, mask_for_grid, pool_mask, pool_tokens
 
 
@@ -74,13 +75,14 @@ class Injector:
     """Per-model injection state and the work the hooks hand over."""
 
     def __init__(self, transformer: nn.Module, pipeline: Any, family: DiTFamily, sites: list[Site],
-                 config: InjectionConfig, projector: Projector):
+                 config: InjectionConfig, projector: Projector, encoder: Any = None):
         self.transformer = transformer
         self.pipeline_ref = weakref.ref(pipeline) if pipeline is not None else None
         self.family = family
         self.sites = sites
         self.config = config
         self.projector = projector
+        self.encoder = encoder  # for references given as images (None: the adapter's recorded encoder)
         self.original_processors: dict[str, Any] = {}
         self.hooks = HookSet()
         self.references: list[Prepared] = []
@@ -142,12 +144,14 @@ class Injector:
         patched = {s.name for s in self.sites}
         default = {s.name for s in self.family.select(self.transformer, cfg.blocks)}  # a reference's default blocks
         features, negatives, prepared = [], [], []
+        device = model_device_dtype(self.transformer)[0]
         for i, ref in enumerate(refs):
             what = "features" if len(refs) == 1 else f"reference {i}'s features"
-            feats = self.check_features(ref.features, what)
+            feats = self.check_features(self._encoded(ref.features, what, device), what)
             neg = None
             if ref.negative is not None:
-                neg = self.check_features(ref.negative, f"{what} (negative)")
+                neg = self.check_features(self._encoded(ref.negative, f"{what} (negative)", device),
+                                          f"{what} (negative)")
                 if neg.num_tokens != feats.num_tokens or neg.space != feats.space:
                     raise FeatureError(
                         f"negative features have {neg.num_tokens} tokens ({neg.space} space) but features have "
@@ -177,6 +181,12 @@ class Injector:
                                    f"{prepared[0].features.batch_size} rows.")
         self.references, self.active = prepared, active
         self.cache, self.call_memo = {}, {}  # nothing stale after new references
+
+    def _encoded(self, x: Any, what: str, device: torch.device) -> Any:
+        """`x` itself, or if it is an image its features (on the model's device)."""
+        feats = features_of(x, self.encoder, None if isinstance(self.projector, ZeroShotProjector) else
+                            self.projector, what)
+        return feats.to(device) if feats is not x else x
 
     def set_features(self, feats: VLFeatures, negative: VLFeatures | None = None,
                      active: list[bool] | None = None) -> None:

@@ -377,15 +377,44 @@ def _weights_facts(d: dict[str, Any]) -> dict[str, str]:
             ("adapter_type", "dit_class", "feature_width", "caption_width", "options", "sites")}
 
 
-def load_adapter(path: str | os.PathLike) -> Adapter:
-    """Load an adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
+def resolve_adapter_folder(path_or_repo_id: str | os.PathLike, revision: str | None = None,
+                           subfolder: str | None = None) -> Path:
+    """A local adapter folder, or a Hugging Face Hub repository's, resolved through `huggingface_hub` and its
+    cache (offline with `HF_HUB_OFFLINE=1`: the cached snapshot, or an error naming what is missing)."""
+    local = Path(path_or_repo_id) / (subfolder or "")
+    if local.exists() or revision is None and (Path(path_or_repo_id).is_absolute()
+                                               or str(path_or_repo_id).startswith((".", "~"))):
+        return local
+    repo_id = str(path_or_repo_id)
+    if repo_id.count("/") != 1:
+        raise AdapterError(f"{repo_id} is neither an adapter folder nor a Hub repository id ('owner/name'); give "
+                           "the folder written by adapter.save(path) or `vlhooks train`.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = [f"{subfolder}/{n}" if subfolder else n for n in (CONFIG_NAME, WEIGHTS_NAME)]
+    try:
+        root = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = ("HF_HUB_OFFLINE is set and it is not in the Hugging Face cache: download it once online, e.g. "
+                f"`huggingface-cli download {repo_id}`" if offline else "check the id and your access to it")
+        raise AdapterError(f"{repo_id} is not a local adapter folder and could not be resolved on the Hub "
+                           f"({type(e).__name__}); {hint}, or give a local folder.") from None
+    return Path(root) / (subfolder or "")
+
+
+def load_adapter(path: str | os.PathLike, revision: str | None = None, subfolder: str | None = None) -> Adapter:
+    """Load an adapter folder (`adapter_config.json` + `adapter_model.safetensors`): a local path, or a Hugging
+    Face Hub repository id (`revision`, `subfolder` optional; resolved through `huggingface_hub`'s cache, as peft's
+    `from_pretrained` does).
 
     Example:
         >>> adapter = vh.load_adapter("checkpoints/flux-projection/final")
         >>> with vh.inject(pipe, feats, adapter=adapter):
         ...     image = pipe(prompt).images[0]
     """
-    path = Path(path)
+    path = resolve_adapter_folder(path, revision, subfolder)
     config = read_config(path)
     w_file = path / WEIGHTS_NAME
     try:
