@@ -105,7 +105,7 @@ class InjectionConfig:
     scale: Union[float, dict[int, float]] = 1.0
     mode: Literal["joint", "decoupled"] = "joint"
     guidance: Literal["auto", "none", "cond_first", "uncond_first"] = "auto"
-    placement: Literal["attention", "block_output"] = "attention"
+    placement: Literal["attention", "block_output", "pre_rope", "image_joint"] = "attention"
 
     combine: Literal["concat", "average"] = "concat"
     kv_scaling: Literal["kv", "v_only", "kv_penalty", "k_mean_v"] = "kv"
@@ -139,9 +139,9 @@ class InjectionConfig:
             raise ConfigError(f"guidance must be one of {GUIDANCE}, got {self.guidance!r}.")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}.")
-        if self.placement == "block_output" and self.mode != "decoupled":
+        if self.placement != "attention" and self.mode != "decoupled":
             raise ConfigError(
-                "placement='block_output' adds a separate attention's output to the block's output; it needs "
+                f"placement={self.placement!r} adds a separate attention's output to the block; it needs "
                 "mode='decoupled' (joint mode has no separate output to place)."
             )
         if self.combine not in COMBINES:
@@ -225,8 +225,8 @@ class InjectionConfig:
             e = self.schedule_params.get("end", 0.0)
             f = e + (1.0 - e) * 0.5 * (1.0 + torch.cos(math.pi * u))
         elif self.schedule == "step":
-            f = torch.where(u < self.schedule_params.get("at", 0.5), 1.0, self.schedule_params.get("after", 0.0))
-            f = f.to(u.dtype)
+            f = torch.where(u < self.schedule_params.get("at", 0.5), torch.ones_like(u),
+                            torch.full_like(u, self.schedule_params.get("after", 0.0)))
         else:  # a user callable: evaluated per element on the host
             f = torch.tensor([check_factor(self.schedule, float(x)) for x in u.tolist()], dtype=u.dtype,
                              device=u.device)

@@ -230,8 +230,12 @@ class Injector:
         store[key] = (out, mask)
         return store[key]
 
-    def pre_normed(self, site: Site, r: int = 0) -> torch.Tensor:
-        """The family's timestep-independent pre-norm of `embedded(site, r)`, cached like it."""
+    def pre_normed(self, site: Site, r: int = 0) -> torch.Tensor | None:
+        """The family's timestep-independent pre-norm of `embedded(site, r)`, cached like it (None for a projector
+        whose K/V do not go through the block's text path, `text_path = False`)."""
+        if not getattr(self.projector, "text_path", True):
+            self.embedded(site, r)
+            return None
         key = ("pre_norm", r, self.projector.embed_key(self.family, site),
                self.family.norm_key(self.transformer, site))
         store = self._store()
@@ -328,12 +332,12 @@ class Injector:
             frows = part.feature_rows
             if len(set(frows)) == 1 and bank.shape[0] == 1:
                 embedded = bank.expand(len(frows), -1, -1)
-                pre = pre.expand(len(frows), -1, -1)
+                pre = None if pre is None else pre.expand(len(frows), -1, -1)
                 key_mask = None if mask is None else mask.expand(len(frows), -1)
             else:
                 idx = torch.tensor(frows, device=bank.device)
                 embedded = bank.index_select(0, idx)
-                pre = pre.index_select(0, idx)
+                pre = None if pre is None else pre.index_select(0, idx)
                 key_mask = None if mask is None else mask.index_select(0, idx)
             segments.append(Segment(r, embedded, pre, key_mask, strength, self._query_mask(r, part)))
         if not segments:

@@ -19,7 +19,15 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class Projector(Protocol):
-    """What turns features into a block's extra K/V."""
+    """What turns features into a block's extra K/V.
+
+    Optional (looked up with `getattr`, not part of the `isinstance` check):
+    `image_attention_norms(call) -> (norm_q, norm_k)`: for placement `"image_joint"`, the norms of the separate
+    attention the projector owns, applied to the block's raw image queries and keys (`[R, H, L, Dh]`; None is
+    the identity). Without it the block's own `norm_q` / `norm_k` serve (an SD3 IP-Adapter brings its own).
+    `text_path: bool` (default True): False for a projector whose `kv` never runs the block's text path (an
+    IP-Adapter's own K/V projections), so the injector computes no pre-norm for it (`call.pre_normed` is None).
+    The extra K/V themselves always come from `kv(call)`."""
 
     def feature_width(self, family: "DiTFamily", transformer: nn.Module) -> int:
         """The width `VLFeatures` in caption space must have."""

@@ -35,7 +35,7 @@ from ..attention import (
     linear_into,
     plain_joint,
 )
-from .base import DiTFamily, PromptEmbeds, Site, arg, register_family, rows_of
+from .base import DiTFamily, PromptEmbeds, Site, arg, grid_of, register_family, rows_of
 
 
 class FluxInjectionProcessor(FluxAttnProcessor):
@@ -50,7 +50,12 @@ class FluxInjectionProcessor(FluxAttnProcessor):
     Placement `"block_output"` (diffusers' `FluxIPAdapterAttnProcessor`): the block's own attention is untouched;
     the image tokens' queries after qk-norm and before RoPE attend to the extra K/V, and the result is left in
     `call.block_output` for the block hook, which adds it to the block's image-stream output
-    (`FluxFamily.add_to_block_output`)."""
+    (`FluxFamily.add_to_block_output`).
+
+    Placement `"pre_rope"` (InstantX's Flux IP-Adapter): the block's own attention is untouched; its queries after
+    qk-norm and before RoPE (a double block's image queries, a single block's every query) attend to the extra
+    K/V alone, and the result times the strength joins the attention output before the output projection: a
+    double block's image stream before `to_out`, a single block's attention half of `proj_out`'s input."""
 
     def __init__(self, base: Any):
         super().__init__()
@@ -72,11 +77,12 @@ class FluxInjectionProcessor(FluxAttnProcessor):
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
         ek, ev = call.extra_kv()  # [R, N, H, Dh]
-        if (encoder_hidden_states is None and not attn.fused_projections and image_rotary_emb is not None
+        own = call.placement == "attention"  # the extras join the block's own attention (else a separate one)
+        if (own and encoder_hidden_states is None and not attn.fused_projections and image_rotary_emb is not None
                 and can_write_into(attn.to_v, hidden_states)
                 and plain_joint(call, hidden_states.shape[0], attention_mask)):
             return self._single_joint(attn, hidden_states, image_rotary_emb, call)
-        one_concat = (encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        one_concat = (own and encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
                       and appendable(call, attention_mask))
         fused = one_concat and self._fused(hidden_states, encoder_hidden_states.shape[1] + hidden_states.shape[1],
                                            ek)
@@ -89,8 +95,13 @@ class FluxInjectionProcessor(FluxAttnProcessor):
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
         if call.placement == "block_output":  # image queries, before RoPE (and before a double block's [txt, img])
-            added = decoupled_output(query[:, query.shape[1] - call.image_len:], call, self._sdpa)
+            added = decoupled_output(query[:, query.shape[1] - call.image_len:], call, self._sdpa,
+                                     image_span=(0, call.image_len))
             call.block_output = (added.flatten(2, 3).to(query.dtype), call.rows)  # [R, L_img, D]
+        pre_rope = None
+        if call.placement == "pre_rope":  # these queries (double: image; single: every token), before RoPE
+            span = (0, query.shape[1]) if encoder_hidden_states is not None else None  # double: image queries only
+            pre_rope = decoupled_output(query, call, self._sdpa, image_span=span).flatten(2, 3).to(query.dtype)
         if attn.added_kv_proj_dim is not None:
             encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
             encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
@@ -114,11 +125,11 @@ class FluxInjectionProcessor(FluxAttnProcessor):
             hidden_states = fused_attention.joint_attention(query, key, value, ek, ev)
         elif one_concat:
             hidden_states = self._sdpa(query, key, value, None)
-        elif call.placement == "block_output":
+        elif not own:
             hidden_states = self._sdpa(query, key, value, attention_mask)  # the block's own, as the base computes it
         else:
             hidden_states = attend_with_extras(query, key, value, attention_mask, call, self._sdpa, seq_dim=1)
-        return self._out(attn, hidden_states.flatten(2, 3).to(query.dtype), encoder_hidden_states)
+        return self._out(attn, hidden_states.flatten(2, 3).to(query.dtype), encoder_hidden_states, pre_rope, call.rows)
 
     def _single_joint(self, attn, hidden_states, image_rotary_emb, call):
         """Single block, joint, nothing to gate: `[txt + img, extra]` keys as `attend_with_extras` builds them, the
@@ -151,16 +162,20 @@ class FluxInjectionProcessor(FluxAttnProcessor):
         )
 
     @staticmethod
-    def _out(attn, hidden_states, encoder_hidden_states):
+    def _out(attn, hidden_states, encoder_hidden_states, added=None, rows=None):
+        """The output projections; `added` (`[R, L, D]`, placement `"pre_rope"`) joins the image stream's (double)
+        or the whole (single) attention output first."""
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
             )
+            if added is not None:
+                hidden_states = add_rows(hidden_states, added, rows)
             hidden_states = attn.to_out[0](hidden_states.contiguous())
             hidden_states = attn.to_out[1](hidden_states)
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
-        return hidden_states
+        return hidden_states if added is None else add_rows(hidden_states, added, rows)
 
 
 def _rope_into(out: torch.Tensor, x: torch.Tensor, rope) -> torch.Tensor:
@@ -200,7 +215,7 @@ class FluxFamily(DiTFamily):
         "double": r"transformer_blocks\.\d+",
         "single": r"single_transformer_blocks\.\d+",
     }
-    placements = ("attention", "block_output")
+    placements = ("attention", "block_output", "pre_rope")
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlPipeline",
                         "FluxControlNetPipeline", "FluxFillPipeline", "FluxKontextPipeline", "FluxPriorReduxPipeline")
     fsdp_children = {"double": ("attn", "ff", "ff_context"), "single": ("attn", "proj_mlp", "proj_out")}
@@ -228,6 +243,20 @@ class FluxFamily(DiTFamily):
 
     def embed(self, transformer, tokens, mask, site, cache):
         return transformer.context_embedder(tokens)  # [B, N, D]
+
+    def image_grid(self, transformer, args, kwargs):
+        # the pipeline's img_ids hold (0, row, col) per packed 2x2 latent patch
+        n = int(arg(args, kwargs, "hidden_states", 0).shape[1])
+        ids = arg(args, kwargs, "img_ids", 4)
+        if ids is None:
+            return grid_of(n)
+        ids = ids.reshape(-1, ids.shape[-1])
+        return grid_of(n, ids[:, 1], ids[:, 2])
+
+    def image_span(self, site, block_args, block_kwargs, grid):
+        # both kinds attend over [txt, img]
+        txt = int(arg(block_args, block_kwargs, "encoder_hidden_states", 1).shape[1])
+        return txt, int(arg(block_args, block_kwargs, "hidden_states", 0).shape[1])
 
     def image_tokens(self, block_args, block_kwargs):
         return int(arg(block_args, block_kwargs, "hidden_states", 0).shape[1])  # both kinds: [txt, img] inside
