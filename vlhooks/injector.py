@@ -257,7 +257,7 @@ class Injector:
         self.timestep = fam.read_timestep(args, kwargs)
         batch = fam.batch_size(args, kwargs)
         pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
-        guided = pipe is not None and bool(getattr(pipe, "do_classifier_free_guidance", False))
+        guided = pipe is not None and fam.pipeline_guides(pipe, args, kwargs)
         if guided and context_name is None and cfg.guidance == "auto":
             context_name = fam.call_role(args, kwargs, self.call_memo)
         feature_batch = max(ref.features.batch_size for ref in self.references)

@@ -148,6 +148,11 @@ class DiTFamily:
     def check_call(self, args: tuple, kwargs: dict) -> None:
         """Raise for a call the injection cannot serve (e.g. an unsupported input mode)."""
 
+    def pipeline_guides(self, pipeline: Any, args: tuple, kwargs: dict) -> bool:
+        """Whether `pipeline` runs classifier-free guidance in this call (its `do_classifier_free_guidance`
+        property; families whose pipelines keep it local decide from the call)."""
+        return bool(getattr(pipeline, "do_classifier_free_guidance", False))
+
     def call_role(self, args: tuple, kwargs: dict, memo: dict) -> str | None:
         """For pipelines that make separate conditional / unconditional calls WITHOUT diffusers'
         `cache_context("uncond")`: `"uncond"` when this call is the unconditional one, else None. Asked only while

@@ -120,9 +120,9 @@ def vae8(latent_channels: int, scaling_factor: float, shift_factor: float) -> Au
 
 # The words of QwenImagePipeline's prompt template as single tokens: with them the template's prefix (system turn and
 # user header) is 34 tokens, the `prompt_template_encode_start_idx` the pipeline drops, as with Qwen's own tokenizer.
-QWEN_IMAGE_WORDS = ["system", "Describe", " the", " image", " by", " detailing", " color", " shape", " size", " texture",
-                    " quantity", " text", " spatial", " relationships", " of", " objects", " and", " background",
-                    "user"]
+QWEN_IMAGE_WORDS = ["system", "Describe", " the", " image", " by", " detailing", " color", " shape", " size",
+                    " texture", " quantity", " text", " spatial", " relationships", " of", " objects", " and",
+                    " background", "user"]
 
 
 def qwen_image_tokenizer() -> Qwen2Tokenizer:
