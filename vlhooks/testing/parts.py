@@ -186,3 +186,51 @@ def qwen3_lm(tokenizer: Qwen2Tokenizer, hidden: int = 16, layers: int = 27):
                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
                          pad_token_id=tokenizer.pad_token_id)
     return Qwen3ForCausalLM(config).eval()
+
+
+# ---------------------------------------------------------------------------------------------- Mistral3 (Flux.2 dev)
+MISTRAL_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]",
+                   "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m.role == 'system' %}[SYSTEM_PROMPT]{% elif m.role == 'user' %}[INST]{% endif %}"
+    "{% for c in m.content %}{% if c.type == 'text' %}{{ c.text }}{% else %}[IMG]{% endif %}{% endfor %}"
+    "{% if m.role == 'system' %}[/SYSTEM_PROMPT]{% elif m.role == 'user' %}[/INST]{% endif %}{% endfor %}"
+)
+
+
+def mistral_tokenizer():
+    """Byte-level BPE with no merges (one token per byte) plus Mistral's control tokens and a chat template over
+    the content lists `Flux2Pipeline` sends (`[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]`). A text-only
+    stand-in for the Pixtral processor of FLUX.2-dev (which needs torchvision): `Flux2Pipeline` only calls its
+    `apply_chat_template`, which a tokenizer has too."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(MISTRAL_SPECIAL)}
+    for c in sorted(BYTES):
+        vocab[c] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=MISTRAL_SPECIAL[4:])
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tok
+
+
+def mistral3(tokenizer, hidden: int = 16, layers: int = 30):
+    """Tiny `Mistral3ForConditionalGeneration` (text width `hidden`, head_dim 8, a one-layer Pixtral vision tower
+    that text-only prompts never reach): FLUX.2-dev's text encoder. `Flux2Pipeline` stacks its hidden states 10,
+    20 and 30 (its default `text_encoder_out_layers`), so `layers` must be at least 30."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text = dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, head_dim=8, patch_size=16, image_size=64)
+    config = Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2,
+                            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
+    return Mistral3ForConditionalGeneration(config).eval()
