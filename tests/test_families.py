@@ -66,3 +66,28 @@ def test_presets_list_sites_of_the_model(name):
     presets = vh.list_presets(model)
     assert "all" in presets and presets["all"]
     assert all(set(v) <= set(sites) and v for v in presets.values())
+
+
+MASKED = [(name, mode) for name, mode in CASES if vh.family_for(build(name)).supports_masks()]
+
+
+@pytest.mark.parametrize("name,mode", MASKED)
+@torch.no_grad()
+def test_spatial_masks_on_every_family_that_has_them(name, mode):
+    """A mask over the whole image-token grid equals no mask; half a grid acts, and differently from no mask."""
+    model = build(name)
+    kw = inputs(name, batch=1)
+    fam = vh.family_for(model)
+    h, w = fam.image_grid(model, (), kw)
+    feats = _feats(name)
+    cfg = vh.InjectionConfig(mode=mode, guidance="none")
+    base = output(model, kw)
+    with vh.inject(model, feats, cfg):
+        unmasked = output(model, kw)
+    with vh.inject(model, [vh.Reference(feats, mask=torch.ones(h, w, dtype=torch.bool))], cfg):
+        torch.testing.assert_close(output(model, kw), unmasked, rtol=0, atol=1e-5)
+    half = torch.zeros(h, w, dtype=torch.bool)
+    half[:, : max(1, w // 2)] = True
+    with vh.inject(model, [vh.Reference(feats, mask=half)], cfg):
+        masked = output(model, kw)
+    assert (masked - base).abs().max() > 1e-6 and (masked - unmasked).abs().max() > 1e-6

@@ -77,19 +77,37 @@ def _stats(argv: list[str]) -> int:
 COMMANDS = {"demo": _demo, "compare": _compare, "sites": _sites, "train": _train, "pretrain": _pretrain, "extract": _extract, "stats": _stats}
 
 
+HELP = {
+    "demo": "patch a tiny offline pipeline; save unpatched vs zero-shot images side by side",
+    "compare": "run arms (none, blend, zero-shot, trained adapters, random) on the same prompts x references x\n"
+               "             seeds; grid, HTML report, metrics (default: the embedded toy world)",
+    "sites": "list the injectable blocks and presets of a DiT family (full-size config, meta device)",
+    "train": "fit an adapter on a frozen DiT: vlhooks train --config configs/<family>/<adapter>.yaml",
+    "pretrain": "train a small DiT from scratch (the toy world): --config configs/toy/pretrain.yaml",
+    "extract": "encode images (or captions) to cached VLFeatures safetensors",
+    "stats": "per-dimension reference statistics of a text encoder over a prompt file",
+}
+
+
+def usage() -> str:
+    lines = ["usage: vlhooks {" + ",".join(COMMANDS) + "} [options]", ""]
+    lines += [f"  {name:10s} {HELP[name]}" for name in COMMANDS]
+    lines += ["", "vlhooks COMMAND --help shows a command's options."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: vlhooks {" + ",".join(COMMANDS) + "} [options]\n")
-        print("  demo   patch a tiny offline pipeline; save unpatched vs zero-shot images side by side")
-        print("  compare  run arms (none, blend, zero-shot, trained adapters, random) on the same prompts x references x")
-        print("           seeds; grid, HTML report, metrics (default: the embedded toy world)")
-        print("  sites  list the injectable blocks (full-size config, meta device) of a DiT family")
-        print("  train  fit an adapter on a frozen DiT: vlhooks train --config configs/<family>/<adapter>.yaml")
-        print("  pretrain  train a small DiT from scratch (the toy world): --config configs/toy/pretrain.yaml")
-        print("  extract  encode images (or captions) to cached VLFeatures safetensors")
-        print("  stats  per-dimension reference statistics of a text encoder over a prompt file")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"error: unknown command '{argv[0]}'{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
     return COMMANDS[argv[0]](argv[1:])
 
 

@@ -7,7 +7,7 @@ timestep window differ, and that removal restores the pipeline bit for bit.
 
 Reference features: real photos from scikit-image, cut into 8x8-pixel patches (16 tokens of 192 values at 32x32)
 and mapped to the DiT's caption width by a fixed random projection (a stand-in encoder; real encoders come with
-`vlhooks.extract`).
+`vlhooks extract`, or `vh.encode(image, encoder=...)` in Python).
 """
 
 from __future__ import annotations

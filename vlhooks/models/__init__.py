@@ -13,10 +13,11 @@ from .base import (
     family_named,
     load_transformer,
     register_family,
+    supported_table,
 )
 
 for _m in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"):
     importlib.import_module(f".{_m}", __name__)
 
 __all__ = ["DiTFamily", "PromptEmbeds", "Site", "families", "family_for", "family_for_class", "family_named",
-           "load_transformer", "register_family"]
+           "load_transformer", "register_family", "supported_table"]

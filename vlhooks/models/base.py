@@ -58,7 +58,8 @@ def arg(args: tuple, kwargs: dict, name: str, position: int, default: Any = None
 class DiTFamily:
     """Per-architecture facts. Subclasses set the class attributes and implement the methods."""
 
-    name: str = ""
+    name: str = ""  # the command-line name (`vlhooks sites NAME`)
+    title: str = ""  # the model's name for people (tables, errors)
     transformer_classes: tuple[str, ...] = ()
     # Layout of batched classifier-free guidance in this family's pipeline, or None when the pipeline makes
     # separate conditional / unconditional calls.
@@ -352,8 +353,28 @@ def register_family(family: DiTFamily) -> DiTFamily:
 
 
 def families() -> list[DiTFamily]:
-    """Every registered family, in registration order."""
-    return list(_FAMILIES)
+    """Every registered family, by name."""
+    return sorted(_FAMILIES, key=lambda f: f.name)
+
+
+def supported_table() -> str:
+    """The Markdown table of every registered family: its classes, sites and presets at full size (built on the
+    meta device), modes, placements and spatial masks. The README's supported-models table is this (a test checks
+    it)."""
+    rows = ["| family | transformer | sites (full size) | presets | modes | placements | masks |",
+            "|---|---|---|---|---|---|---|"]
+    for fam in families():
+        with torch.device("meta"):
+            model = fam.transformer_class()()
+        sites = fam.sites(model)
+        kinds: dict[str, int] = {}
+        for s in sites:
+            kinds[s.kind] = kinds.get(s.kind, 0) + 1
+        shown = ", ".join(f"{n} {k}" for k, n in kinds.items())
+        rows.append(f"| {fam.title} (`{fam.name}`) | `{fam.transformer_classes[0]}` | {len(sites)}: {shown} | "
+                    f"{', '.join(f'`{p}`' for p in fam.presets)} | {', '.join(fam.modes)} | "
+                    f"{', '.join(fam.placements)} | {'yes' if fam.supports_masks() else 'no'} |")
+    return "\n".join(rows)
 
 
 def family_named(name: str) -> DiTFamily:

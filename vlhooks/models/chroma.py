@@ -43,7 +43,7 @@ from torch import nn
 
 from ..attention import BlockCall, extra_bias, query_bias
 from ..errors import TargetError
-from .base import DiTFamily, PromptEmbeds, Site, arg, register_family, rows_of
+from .base import DiTFamily, PromptEmbeds, Site, arg, grid_of, register_family, rows_of
 from .flux import FluxInjectionProcessor
 
 _TEMB_ARG = {"double": 2, "single": 1}  # position of `temb` in the block's forward
@@ -139,6 +139,7 @@ def _as_bias(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class ChromaFamily(DiTFamily):
     name = "chroma"
+    title = "Chroma"
     transformer_classes = ("ChromaTransformer2DModel",)
     # Separate conditional / unconditional calls, with no cache_context: nothing marks the unconditional one.
     batched_guidance = None
@@ -170,6 +171,21 @@ class ChromaFamily(DiTFamily):
 
     def to_progress(self, t):
         return 1.0 - t  # sigma in [0, 1]
+
+    def image_grid(self, transformer, args, kwargs):
+        n = int(arg(args, kwargs, "hidden_states", 0).shape[1])  # packed 2x2 latent patches
+        ids = arg(args, kwargs, "img_ids", 3)
+        if ids is None:
+            return grid_of(n)
+        ids = ids.reshape(-1, ids.shape[-1])
+        return grid_of(n, ids[:, 1], ids[:, 2])
+
+    def image_span(self, site, block_args, block_kwargs, grid):
+        # both kinds attend over [txt, img]: the image tokens are the last ones (a single block gets them joined)
+        n = grid[0] * grid[1]
+        if site.kind == "double":
+            return int(arg(block_args, block_kwargs, "encoder_hidden_states", 1).shape[1]), n
+        return int(arg(block_args, block_kwargs, "hidden_states", 0).shape[1]) - n, n
 
     def call_role(self, args, kwargs, memo):
         x = arg(args, kwargs, "hidden_states", 0)

@@ -208,6 +208,7 @@ def _with_identity_rows(rope, n: int, call):
 
 class FluxFamily(DiTFamily):
     name = "flux"
+    title = "Flux.1"
     transformer_classes = ("FluxTransformer2DModel",)
     batched_guidance = None  # separate cond / uncond calls, marked by cache_context
     presets = {

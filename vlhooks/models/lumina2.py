@@ -116,6 +116,7 @@ class Lumina2InjectionProcessor(Lumina2AttnProcessor2_0):
 
 class Lumina2Family(DiTFamily):
     name = "lumina2"
+    title = "Lumina 2"
     transformer_classes = ("Lumina2Transformer2DModel",)
     # Lumina2Pipeline calls the transformer separately for cond and uncond (no batching) and without
     # `cache_context`, so every call's rows count as conditional.

@@ -130,6 +130,7 @@ class QwenImageInjectionProcessor(QwenDoubleStreamAttnProcessor2_0):
 
 class QwenImageFamily(DiTFamily):
     name = "qwen_image"
+    title = "Qwen-Image"
     transformer_classes = ("QwenImageTransformer2DModel",)
     batched_guidance = None  # separate cond / uncond calls, marked by cache_context
     presets = {"all": r"transformer_blocks\.\d+", "double": r"transformer_blocks\.\d+"}

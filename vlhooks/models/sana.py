@@ -99,6 +99,7 @@ class SanaInjectionProcessor(SanaAttnProcessor2_0):
 
 class SanaFamily(DiTFamily):
     name = "sana"
+    title = "Sana"
     transformer_classes = ("SanaTransformer2DModel",)
     batched_guidance = "uncond_first"  # torch.cat([negative_prompt_embeds, prompt_embeds])
     presets = {"all": r"transformer_blocks\.\d+"}
@@ -118,6 +119,14 @@ class SanaFamily(DiTFamily):
     # ------------------------------------------------------------------ calls
     def batch_size(self, args, kwargs):
         return int(arg(args, kwargs, "hidden_states", 0).shape[0])
+
+    def image_grid(self, transformer, args, kwargs):
+        latents = arg(args, kwargs, "hidden_states", 0)  # [B, C, H, W], patchified p x p
+        p = int(transformer.config.patch_size)
+        return int(latents.shape[-2]) // p, int(latents.shape[-1]) // p
+
+    def image_span(self, site, block_args, block_kwargs, grid):
+        return 0, grid[0] * grid[1]  # attn2's queries are the image tokens, in grid order
 
     timestep_arg = ("timestep", 2)
 

@@ -103,6 +103,7 @@ class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
 
 class ZImageFamily(DiTFamily):
     name = "z_image"
+    title = "Z-Image"
     transformer_classes = ("ZImageTransformer2DModel",)
     batched_guidance = "cond_first"  # ZImagePipeline: prompt_embeds + negative_prompt_embeds
     pipeline_classes = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "ZImageControlNetPipeline",
