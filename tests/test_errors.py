@@ -128,3 +128,28 @@ def test_removed_handle_refuses_use(flux):
     h.remove()  # idempotent
     with pytest.raises(vh.TargetError, match="apply_injection"):
         h.set_scale(0.5)
+
+
+def test_features_mutated_to_nan_after_patching_are_a_named_error():
+    model = build("flux")
+    feats = vh.VLFeatures(torch.randn(1, 3, 32))
+    with vh.inject(model, feats):
+        feats.tokens[0, 0, 0] = float("nan")  # after the checks at patch time
+        with pytest.raises(vh.FeatureError, match="NaN or Inf once embedded"), torch.no_grad():
+            output(model, inputs("flux"))
+
+
+def test_a_module_named_like_a_dit_and_a_unet_pipeline_are_named_errors():
+    class FluxTransformer2DModel(torch.nn.Module):  # the name of a DiT class, nothing else of it
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+
+    with pytest.raises(vh.TargetError, match="not a supported DiT"):
+        vh.apply_injection(FluxTransformer2DModel(), None)
+
+    class StableDiffusionPipeline:  # a UNet pipeline: it has a .unet, no .transformer
+        unet = torch.nn.Linear(2, 2)
+
+    with pytest.raises(vh.TargetError, match="UNet"):
+        vh.apply_injection(StableDiffusionPipeline(), None)

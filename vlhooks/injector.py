@@ -227,6 +227,12 @@ class Injector:
             finally:
                 self._embedding = False
             mask = self.projector.output_mask(mask)
+        if not torch.compiler.is_compiling() and out.device.type != "meta" and not bool(torch.isfinite(out).all()):
+            raise FeatureError(
+                "the injected tokens are NaN or Inf once embedded (features changed in place after apply_injection, "
+                "or an adapter that overflows in this dtype); give finite features with handle.set_features(...), "
+                "or run the adapter in float32."
+            )
         store[key] = (out, mask)
         return store[key]
 
