@@ -121,7 +121,7 @@ def run_pipeline(pipe: Any, name: str, steps: int = 2, cfg: bool = False, seed: 
                 generator=torch.Generator().manual_seed(seed), output_type="pt")
     call.update(tiny(name).guidance(cfg))
     call.update(kwargs)
-    return pipe(PROMPT, **call).images
+    return pipe(prompt=PROMPT, **call).images
 
 
 __all__ = ["TinyDiT", "register_tiny", "tiny", "names", "build", "caption_width", "inputs", "output", "pipeline",
