@@ -275,8 +275,10 @@ def test_two_process_run(runs, recipe, strategy):
     for n, p in dit.named_parameters():
         assert torch.equal(t0[f"dit.{n}"], p) and torch.equal(t1[f"dit.{n}"], p), n
 
-    # data: Lightning's sampler wraps EpochSeededSampler; each step the ranks see disjoint halves of the 4 photos
-    assert info0["sampler"] == info1["sampler"] == "DistributedSamplerWrapper"
+    # data: EpochSeededSampler shards each epoch's permutation itself (as Lightning's DistributedSamplerWrapper
+    # around it did; Lightning leaves a DistributedSampler in place); each step the ranks see disjoint halves of
+    # the 4 photos
+    assert info0["sampler"] == info1["sampler"] == "EpochSeededSampler"
     assert [s for s, _ in info0["batches"]] == list(range(STEPS))
     orders = []
     for (s, a), (_, b) in zip(info0["batches"], info1["batches"]):

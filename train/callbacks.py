@@ -12,19 +12,37 @@ import lightning as L
 class AdapterExport(L.Callback):
     """Write `<root>/<run>/step-N/` every `every_n_steps` (0: never) and `<root>/<run>/final/` at the end, each an
     adapter folder (`adapter_config.json` + `adapter_model.safetensors`) written atomically. Every rank calls
-    `export_adapter` (under FSDP it gathers the adapter's shards first); only global rank 0 writes."""
+    `export_adapter` (under FSDP it gathers the adapter's shards first); only global rank 0 writes.
+
+    `final/` is written when the last step (`max_steps`) ends, before Lightning's checkpoint callback writes that
+    step's checkpoint (it runs the checkpoint callbacks last): a run killed in between resumes from an earlier
+    checkpoint and writes it again, and a resumed run whose checkpoint is already at `max_steps` (Lightning then
+    runs no training loop, so no `on_train_end`) still has it. A run that stops otherwise (`max_epochs`, a
+    callback) writes it in `on_train_end`; one that had nothing left to train, in `on_fit_end`."""
 
     def __init__(self, run_dir: str | os.PathLike, every_n_steps: int = 0):
         self.run_dir = Path(run_dir)
         self.every_n_steps = int(every_n_steps)
+        self._final_at: int | None = None  # the global step `final/` was written at, in this process
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0:
             pl_module.export_adapter(self.run_dir / f"step-{step}")
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= step:
+            self._final(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        pl_module.export_adapter(self.run_dir / "final")
+        self._final(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._final_at is None:
+            self._final(trainer, pl_module)
+
+    def _final(self, trainer, pl_module) -> None:
+        if self._final_at != trainer.global_step:
+            pl_module.export_adapter(self.run_dir / "final")
+            self._final_at = trainer.global_step
 
 
 def default_loggers(run_dir: str | os.PathLike) -> list:

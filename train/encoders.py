@@ -140,19 +140,10 @@ class PipelineCaptionEncoder:
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> dict:
-        pipe, n = self.pipe, self.max_len
-        if self.kind.startswith("ZImage"):
-            embeds, _ = pipe.encode_prompt(captions, device=self.device, do_classifier_free_guidance=False,
-                                           max_sequence_length=n)
-            return {"sequences": [e.float().cpu() for e in embeds], "pooled": None}
-        if self.kind.startswith("Flux"):
-            embeds, pooled, _ = pipe.encode_prompt(captions, prompt_2=None, device=self.device, max_sequence_length=n)
-        elif self.kind.startswith("StableDiffusion3"):
-            embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=self.device,
-                                                      do_classifier_free_guidance=False, max_sequence_length=n)
-        else:
-            raise ValueError(f"{self.kind} is not a supported pipeline for caption encoding (Z-Image, Flux, SD3).")
-        return {"sequences": list(embeds.float().cpu()), "pooled": pooled.float().cpu()}
+        from vlhooks.models import family_for_class
+
+        out = family_for_class(self.kind).encode_prompt(self.pipe, captions, self.device, self.max_len)
+        return {"sequences": out.sequences, "pooled": out.pooled}
 
 
 def image_encoder(spec: dict) -> Any:

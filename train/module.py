@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 import vlhooks as vh
+from vlhooks.adapters import create_adapter
 from vlhooks.models import family_for
+from vlhooks.errors import CheckpointError, TrainingError
 
-ADAPTERS = {"projection": vh.ProjectionAdapter, "kv": vh.KVAdapter, "lora": vh.LoRAAdapter}
+from .checkpoint_io import canonical_progress, saved_at_batch_end
+
 
 
 def build_dit(spec: dict[str, Any]) -> torch.nn.Module:
@@ -49,8 +52,71 @@ def sample_sigma(n: int, g: torch.Generator, sampling: str, mean: float, std: fl
     elif sampling == "logit_normal":
         sigma = torch.sigmoid(mean + std * torch.randn(n, generator=g))
     else:
-        raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', got {sampling!r}.")
+        raise TrainingError(f"model.timestep_sampling must be 'uniform' or 'logit_normal', got {sampling!r}.")
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+_DIT_KEYS = ("class_name", "config", "pretrained", "subfolder", "checkpoint", "dtype", "seed")
+
+
+def check_dit_spec(dit: Any) -> None:
+    """`TrainingError` for a `model.dit` that `build_dit` cannot build: no or an unknown diffusers class, unknown
+    keys (of the spec or of the class's `config`), an unknown dtype."""
+    import difflib
+    import inspect
+
+    import diffusers
+
+    def hint(name, known):
+        close = difflib.get_close_matches(str(name), list(known), n=1)
+        return f" (did you mean {close[0]!r}?)" if close else ""
+
+    if not isinstance(dit, dict) or not dit.get("class_name"):
+        raise TrainingError("model.dit needs class_name, a diffusers transformer class (e.g. "
+                            "ZImageTransformer2DModel), and config or pretrained.")
+    bad = [k for k in dit if k not in _DIT_KEYS]
+    if bad:
+        raise TrainingError(f"model.dit has unknown key {bad[0]!r}{hint(bad[0], _DIT_KEYS)}; its keys are "
+                            f"{', '.join(_DIT_KEYS)}.")
+    name = dit["class_name"]
+    cls = getattr(diffusers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        known = [n for n in dir(diffusers) if n.endswith("Transformer2DModel")]
+        raise TrainingError(f"model.dit.class_name {name!r} is not a diffusers model class{hint(name, known)}; "
+                            f"use one of {', '.join(sorted(known)[:6])}, ...")
+    config = dit.get("config") or {}
+    if not isinstance(config, dict):
+        raise TrainingError(f"model.dit.config must be a mapping of {name} arguments, got {config!r}.")
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        known = [k for k in params if k != "self"]
+        bad = [k for k in config if k not in params]
+        if bad:
+            raise TrainingError(f"model.dit.config has unknown key {bad[0]!r}{hint(bad[0], known)}: {name} takes "
+                                f"{', '.join(known)}.")
+    if not isinstance(getattr(torch, str(dit.get("dtype", "float32")), None), torch.dtype):
+        raise TrainingError(f"model.dit.dtype {dit.get('dtype')!r} is not a torch dtype; use float32, bfloat16 or "
+                            "float16.")
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 integer: bool = False, low_open: bool = False, high_open: bool = False, example: str = "") -> None:
+    """`TrainingError` unless `value` is a (finite; integer) number in the range, naming the option and the fix."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        rng = " and ".join(x for x in (lo, hi) if x)
+        raise TrainingError(f"{name} must be {kind}{' ' + rng if rng else ''}, got {value!r}"
+                            f"{'; use e.g. ' + example if example else ''}.")
 
 
 class AdapterModule(L.LightningModule):
@@ -58,8 +124,10 @@ class AdapterModule(L.LightningModule):
 
     Args:
         dit: how to build the DiT (see `build_dit`).
-        adapter: `{"type": "projection" | "kv" | "lora", "feature_width": int, ...options}`; options go to the
-            adapter's `create` (projection: `kind`, `num_tokens`, ...; kv / lora: `blocks`; lora: `rank`, `alpha`).
+        adapter: `{"type": "projection" | "kv" | "lora", "feature_width": int, "blocks": ..., ...options}`, given
+            to `vlhooks.adapters.create_adapter` (the options are the type's typed options: projection `kind`,
+            `num_tokens`, ...; lora `rank`, `alpha`, `dropout`; kv `projection`); `blocks` defaults to the
+            injection's.
         injection: the `InjectionConfig` fields used in training and saved with the adapter.
         lr, weight_decay, betas, warmup_steps: AdamW and a linear warm-up.
         drop_image, drop_text, drop_both: per-row drop rates (image: no injection; text: the empty caption).
@@ -101,27 +169,50 @@ class AdapterModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        # every option checked before anything is built: a TrainingError naming the option and the fix
+        from vlhooks.adapters import ADAPTER_TYPES
+
+        check_dit_spec(dit)
+        if not isinstance(adapter, dict) or adapter.get("type") not in ADAPTER_TYPES:
+            got = adapter.get("type") if isinstance(adapter, dict) else adapter
+            raise TrainingError(f"model.adapter.type must be one of {', '.join(sorted(ADAPTER_TYPES))}, got {got!r}; "
+                                "e.g. model.adapter: {type: projection, kind: mlp}.")
+        check_number("model.lr", lr, 0, low_open=True, example="1e-4")
+        check_number("model.weight_decay", weight_decay, 0)
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise TrainingError(f"model.betas must be two numbers in [0, 1), got {betas!r}; use e.g. [0.9, 0.999].")
+        for i, b in enumerate(betas):
+            check_number(f"model.betas[{i}]", b, 0, 1, high_open=True, example="[0.9, 0.999]")
+        check_number("model.warmup_steps", warmup_steps, 0, integer=True)
+        for name, rate in (("drop_image", drop_image), ("drop_text", drop_text), ("drop_both", drop_both)):
+            check_number(f"model.{name}", rate, 0, 1, example="0.05")
         if drop_image + drop_text + drop_both > 1.0:
-            raise ValueError("drop_image + drop_text + drop_both must be at most 1.")
+            raise TrainingError(f"model.drop_image + drop_text + drop_both must be at most 1, got "
+                                f"{drop_image + drop_text + drop_both:g}; lower them (IP-Adapter used 0.05 each).")
+        if timestep_sampling not in ("uniform", "logit_normal"):
+            raise TrainingError(f"model.timestep_sampling must be 'uniform' or 'logit_normal', got "
+                                f"{timestep_sampling!r}.")
+        check_number("model.logit_mean", logit_mean)
+        check_number("model.logit_std", logit_std, 0, low_open=True, example="1.0")
+        check_number("model.shift", shift, 0, low_open=True, example="1.0 (3.0 for Flux / SD3 at 1024 px)")
+        if ema_decay is not None:
+            check_number("model.ema_decay", ema_decay, 0, 1, low_open=True, high_open=True, example="0.999")
+        check_number("model.seed", seed, 0, integer=True)
+        if not isinstance(run_name, str) or not run_name.strip() or run_name in (".", "..") or "/" in run_name \
+                or "\\" in run_name:
+            raise TrainingError(f"model.run_name must be a folder name (no slashes), got {run_name!r}.")
+        for name, n in (("save_every_n_steps", save_every_n_steps), ("sample_every_n_steps", sample_every_n_steps),
+                        ("sample_count", sample_count)):
+            check_number(f"model.{name}", n, 0, integer=True)
         self.dit = build_dit(dit)
         self.family = family_for(self.dit)
         if gradient_checkpointing:
             self.dit.enable_gradient_checkpointing()
         self.injection = vh.InjectionConfig.from_dict(injection or {})
         spec = dict(adapter)
-        kind = spec.pop("type")
-        if kind not in ADAPTERS:
-            raise ValueError(f"adapter type must be one of {sorted(ADAPTERS)}, got {kind!r}.")
-        width = spec.pop("feature_width", None)
-        if kind == "projection":
-            obj = ADAPTERS[kind].create(self.dit, width or self.family.caption_width(self.dit), **spec)
-        elif kind == "kv":
-            obj = ADAPTERS[kind].create(self.dit, blocks=spec.pop("blocks", self.injection.blocks),
-                                        feature_width=width, **spec)
-        else:
-            if width not in (None, self.family.caption_width(self.dit)):
-                raise ValueError("a lora adapter takes caption-width features; put a projection in front instead.")
-            obj = ADAPTERS[kind].create(self.dit, blocks=spec.pop("blocks", self.injection.blocks), **spec)
+        kind = spec.pop("type", None)
+        obj = create_adapter(kind, self.dit, feature_width=spec.pop("feature_width", None),
+                             blocks=spec.pop("blocks", self.injection.blocks), **spec)
         obj.config.injection = self.injection.to_dict()
         self.adapter = obj.float() if kind == "projection" else obj
         self.ema: list[torch.Tensor] | None = None
@@ -218,13 +309,12 @@ class AdapterModule(L.LightningModule):
         mask = torch.arange(caption.shape[1], device=dev)[None] < cap_len[:, None]  # [B, L]
         sigma = sample_sigma(B, g, h.timestep_sampling, h.logit_mean, h.logit_std, h.shift).to(dev)
         noise = torch.randn(x0.shape, generator=g).to(dev, x0.dtype)
-        x_t = (1.0 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
         fmask = batch.get("feature_mask")
         self.handle.set_features(vh.VLFeatures(batch["features"], mask=fmask), active=(~drop_img).tolist())
         dtype = next(self.dit.parameters()).dtype
-        v = self.family.velocity(self.dit, x_t.to(dtype), sigma, caption.to(dtype), mask,
-                                 None if pooled is None else pooled.to(dtype))
-        return F.mse_loss(v.float(), (noise - x0).float())
+        pred, target = self.family.prediction_and_target(self.dit, x0, noise, sigma, caption.to(dtype), mask,
+                                                         None if pooled is None else pooled.to(dtype))
+        return F.mse_loss(pred.float(), target.float())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self._step_generator())
@@ -260,9 +350,55 @@ class AdapterModule(L.LightningModule):
             checkpoint["state_dict"] = {f"adapter.{k}": v.detach().clone()
                                         for k, v in self.adapter.trainable_state_dict().items()}
         if self.ema is not None:
-            checkpoint["adapter_ema"] = [t.clone() for t in self.ema]
+            checkpoint["adapter_ema"] = [t.clone() for t in self._ema_now()]
+        if self._trainer is not None:  # the loop counters as a function of the global step (see canonical_progress)
+            canonical_progress(checkpoint, self.trainer.num_training_batches, self.trainer.accumulate_grad_batches)
+
+    def _ema_now(self) -> list[torch.Tensor]:
+        """The EMA as of the current global step. A checkpoint or export written by a callback's
+        `on_train_batch_end` comes before this module's `on_train_batch_end` applies the step's EMA update
+        (Lightning calls the callbacks first); without it, a run resumed from that checkpoint would never apply
+        that step's update. The same update is applied here to a copy (bit for bit what the hook then does)."""
+        if self._trainer is None or not saved_at_batch_end(self.trainer):
+            return self.ema
+        ema = [t.clone() for t in self.ema]
+        with self.full_adapter():
+            params = [p.detach() for p in self.adapter.trainable_parameters()]
+            get_ema_multi_avg_fn(self.hparams.ema_decay)(ema, params, torch.tensor(self.global_step))
+        return ema
+
+    def _check_resumable(self, checkpoint: dict[str, Any], where: Any = None) -> None:
+        """`CheckpointError` when the checkpoint holds another adapter (type, or names and shapes) than this run's,
+        before Lightning would fail on the optimizer's parameter groups or a size mismatch."""
+        where = where or getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        saved_type = ((checkpoint.get("hyper_parameters") or {}).get("adapter") or {}).get("type")
+        ours = self.hparams.adapter.get("type")
+        if saved_type is not None and saved_type != ours:
+            raise CheckpointError(
+                f"{where} was written by a run training a {saved_type!r} adapter, but this run trains a {ours!r} "
+                f"one: resume with the recipe it was trained with (model.adapter.type: {saved_type}), or train the "
+                f"{ours} adapter under another --model.run_name.")
+        if "state_dict" not in checkpoint:  # SafetensorsFSDPStrategy loaded it already (`vlhooks train` checked it)
+            return
+        saved = {k.removeprefix("adapter."): tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+        with self.full_adapter():
+            own = {k: tuple(v.shape) for k, v in self.adapter.trainable_state_dict().items()}
+        if saved != own:
+            missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+            shapes = [f"{k}: {saved[k]} vs {own[k]}" for k in sorted(set(own) & set(saved)) if saved[k] != own[k]]
+            detail = "; ".join(x for x in (f"missing {missing[:3]}" if missing else "",
+                                           f"unexpected {unexpected[:3]}" if unexpected else "",
+                                           f"shapes {shapes[:3]}" if shapes else "") if x)
+            raise CheckpointError(
+                f"{where} holds a {saved_type or ours} adapter of another configuration than this run's ({detail}): "
+                "resume with the model.adapter and model.injection settings it was trained with, or train this "
+                "one under another --model.run_name.")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_resumable(checkpoint)
+        # saved under the adapter's saved names (`trainable_state_dict`); Lightning loads the module's own names
+        saved = {k.removeprefix("adapter."): v for k, v in checkpoint.get("state_dict", {}).items()}
+        checkpoint["state_dict"] = {f"adapter.{k}": v for k, v in self.adapter.module_state(saved).items()}
         if "adapter_ema" in checkpoint:
             self.ema = [t.clone() for t in checkpoint["adapter_ema"]]
 
@@ -270,6 +406,7 @@ class AdapterModule(L.LightningModule):
         """Write the adapter folder (EMA weights when enabled), atomically, from global rank 0. Under FSDP every
         rank must call it (the adapter is gathered first); the others write nothing."""
         write = self._trainer is None or self.trainer.is_global_zero
+        ema = self._ema_now() if self.ema is not None else None  # (gathers under FSDP when it updates)
         with self.full_adapter(writeback=self.ema is not None):
             if self.ema is None:
                 if write:
@@ -278,7 +415,7 @@ class AdapterModule(L.LightningModule):
             params = self.adapter.trainable_parameters()
             live = [p.detach().clone() for p in params]
             with torch.no_grad():
-                for p, e in zip(params, self.ema):
+                for p, e in zip(params, ema):
                     p.copy_(e)
                 try:
                     if write:

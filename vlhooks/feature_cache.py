@@ -4,14 +4,22 @@ Owns: the safetensors file format of cached `VLFeatures` (tokens, optional mask,
 their hash, the input hash and `source`), the file naming `<input hash>-<settings hash>.safetensors`, the settings
 check on load, batch extraction with a progress bar, and the two argparse command functions `extract_main(argv)`
 and `stats_main(argv)` (the `vlhooks` dispatcher lives in `vlhooks/__main__.py`).
+
+Every file is written to a temporary name and renamed, so a killed run leaves no half-written file (and the next
+run removes the temporary files of writers that are gone); `index.json` is updated under a lock, so processes
+extracting into one folder at once end with one valid cache. A truncated feature or stats file is an
+`EncoderError` naming it and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import FeatureError, VLHooksError
+from .errors import EncoderError, FeatureError, VLHooksError
 from .features import VLFeatures
 
 FORMAT = "vlhooks-features/1"
@@ -64,17 +72,59 @@ def save_features(path: str | os.PathLike, features: VLFeatures, settings: dict,
     meta = {"format": FORMAT, "settings": _canonical(settings), "settings_hash": settings_hash(settings),
             "key": key or "", "space": features.space, "source": json.dumps(features.source, default=str)}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+_TMP = re.compile(r"^(?P<name>.+\.(safetensors|json))\.tmp(?P<pid>\d+)$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files (`<file>.tmp<pid>`) this module's writers left in `folder` when killed, for
+    writers that are gone (a live one's are kept)."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TMP.match(p.name)
+        if m and p.is_file() and not _alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _open_metadata(path: str | os.PathLike, what: str = "feature file") -> dict:
+    """A safetensors file's metadata; a truncated or non-safetensors file is an `EncoderError` naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # SafetensorError: truncated, or not a safetensors file
+        raise EncoderError(f"{what} {str(path)!r} is truncated or not a safetensors file ({e}); delete it and "
+                           "extract again (or rerun `vlhooks extract` with --overwrite).") from None
 
 
 def read_settings(path: str | os.PathLike) -> dict:
     """The settings a cached file was made with."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
+    md = _open_metadata(path)
     if md.get("format") != FORMAT:
         raise FeatureError(f"{path} is not a vlhooks feature file; make one with `vlhooks extract`.")
     return json.loads(md["settings"])
@@ -87,12 +137,15 @@ def load_features(path: str | os.PathLike, settings: dict | None = None) -> VLFe
     path = Path(path)
     if not path.is_file():
         raise FeatureError(f"Feature file {str(path)!r} not found; extract it with `vlhooks extract ... --out DIR`.")
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
-        if md.get("format") != FORMAT:
-            raise FeatureError(f"{path} is not a vlhooks feature file; make one with `vlhooks extract`.")
-        tokens = f.get_tensor("tokens")
-        mask = f.get_tensor("mask") if "mask" in f.keys() else None
+    md = _open_metadata(path)
+    if md.get("format") != FORMAT:
+        raise FeatureError(f"{path} is not a vlhooks feature file; make one with `vlhooks extract`.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tokens = f.get_tensor("tokens")
+            mask = f.get_tensor("mask") if "mask" in f.keys() else None
+    except Exception as e:
+        raise EncoderError(f"feature file {str(path)!r} cannot be read ({e}); delete it and extract again.") from None
     stored = json.loads(md["settings"])
     if settings is not None:
         wanted = json.loads(_canonical(settings))
@@ -134,6 +187,7 @@ class FeatureCache:
         """
         from tqdm.auto import tqdm
 
+        remove_stale_temporaries(self.root)
         items, paths = list(inputs), []
         for item in tqdm(items, desc="extract", unit=kind, disable=not progress or len(items) < 2):
             key = text_hash(item) if kind == "text" else image_hash(item)
@@ -241,7 +295,7 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
         ncfg = NormalizeConfig(mode=a.normalize, target_std=a.target_std, position_aware=a.position_aware,
                                hybrid_weight=a.hybrid_weight, sink_ratio=a.sink_ratio, massive_ratio=a.massive_ratio,
                                outliers=a.outliers, outlier_sigma=a.outlier_sigma)
-        stats = ReferenceStats.load(a.stats) if a.stats else None
+        stats = _load_stats(a.stats) if a.stats else None
         kind = "text" if a.encoder == "minilm" else "image"
         if kind == "image":
             missing = [x for x in inputs if not Path(x).is_file()]
@@ -260,18 +314,82 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
                 f = normalize(f, ncfg, reference=stats)
             return f
 
+        out = Path(a.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EncoderError(f"--out {a.out}: cannot create the folder ({e.strerror}); pass a folder path you "
+                               "can write.") from None
+        with _folder_lock(out):  # read the index first: a damaged one fails before any extraction
+            _read_index(out / "index.json")
         cache = FeatureCache(a.out, settings)
         paths = cache.extract(inputs, run, kind=kind, overwrite=a.overwrite, progress=not a.no_progress)
+        with _folder_lock(out):  # another `vlhooks extract` into this folder adds its entries under the same lock
+            index_path = out / "index.json"
+            index = _read_index(index_path)
+            for item, path in zip(inputs, paths):
+                index[str(item)] = path.name
+            _write_text_atomic(index_path, json.dumps(index, indent=1, sort_keys=True))
     except VLHooksError as e:
         print(f"vlhooks extract: error: {e}", file=sys.stderr)
         return 2
-    index_path = Path(a.out) / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     for item, path in zip(inputs, paths):
-        index[str(item)] = path.name
         print(f"{item}\t{path}")
-    index_path.write_text(json.dumps(index, indent=1, sort_keys=True))
     return 0
+
+
+def _load_stats(path: str):
+    """`ReferenceStats` of a `--stats` file; a missing, truncated or foreign one is an `EncoderError` naming it."""
+    from .normalize import ReferenceStats
+
+    if not Path(path).is_file():
+        raise EncoderError(f"--stats {path}: no such file; make it with `vlhooks stats --encoder ... --prompts FILE "
+                           f"--out {path}`.")
+    md = _open_metadata(path, "--stats file")
+    if md.get("vlhooks") != "reference_stats/1":
+        raise EncoderError(f"--stats {path} is not a vlhooks reference-stats file; make one with `vlhooks stats "
+                           f"--encoder ... --prompts FILE --out {path}`.")
+    try:
+        return ReferenceStats.load(path)
+    except VLHooksError:
+        raise
+    except Exception as e:  # a tensor missing or unreadable
+        raise EncoderError(f"--stats {path} is damaged ({type(e).__name__}: {e}); make it again with `vlhooks "
+                           "stats`.") from None
+
+
+def _read_index(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise EncoderError(f"{path} is damaged ({e}); delete it and rerun `vlhooks extract` for every input it "
+                           "should list (cached features are reused, not recomputed).") from None
+    if not isinstance(index, dict):
+        raise EncoderError(f"{path} is not a vlhooks extract index (a JSON object of input -> file); delete it "
+                           "and rerun `vlhooks extract`.")
+    return index
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on `folder` itself (no file is created; the kernel drops it when its holder dies)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def stats_parser() -> argparse.ArgumentParser:
@@ -314,6 +432,7 @@ def stats_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (16)")
     p.add_argument("--device", default="cpu", help="torch device (cpu)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (otherwise refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -324,6 +443,14 @@ def stats_main(argv: Sequence[str] | None = None) -> int:
 
     a = stats_parser().parse_args(argv)
     try:
+        out = Path(a.out)
+        if out.is_dir():
+            raise EncoderError(f"--out {a.out} is a folder; pass the path of a .safetensors file to write.")
+        if out.exists() and not a.overwrite:
+            raise EncoderError(f"--out {a.out} exists; pass --overwrite to replace it, or another --out (nothing "
+                               "was written).")
+        if not Path(a.prompts).is_file():
+            raise EncoderError(f"--prompts {a.prompts}: no such file; pass a text file with one prompt per line.")
         sink_positions = [int(v) for v in a.sink_positions.split(",")] if a.sink_positions else None
         if a.encoder == "minilm":
             from .encoders import load_minilm
@@ -353,7 +480,18 @@ def stats_main(argv: Sequence[str] | None = None) -> int:
     except VLHooksError as e:
         print(f"vlhooks stats: error: {e}", file=sys.stderr)
         return 2
-    path = stats.save(a.out)
+    try:  # written beside --out and renamed: a killed run leaves no half-written file
+        tmp = Path(a.out).with_name(Path(a.out).name + f".tmp{os.getpid()}")
+        try:
+            stats.save(tmp)
+            os.replace(tmp, a.out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        print(f"vlhooks stats: error: cannot write --out {a.out} ({e.strerror}); pass a path you can write.",
+              file=sys.stderr)
+        return 2
+    path = Path(a.out)
     m = stats.meta
     print(f"{path}: {m['prompts']} prompts, {m['tokens']} tokens ({m['sinks_excluded']} sink positions excluded), "
           f"width {stats.width}, global std {stats.global_std:.4g}, massive dims {stats.massive_dims.tolist()}")
