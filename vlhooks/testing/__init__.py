@@ -115,6 +115,35 @@ def pipeline(name: str, seed: int = 0) -> Any:
     return pipe
 
 
+PATCHES = {"name": "patches", "width": 16, "size": 32, "patch": 8}  # the tiny offline image encoder's settings
+
+
+def adapter(target: Any, seed: int = 0) -> Any:
+    """A tiny trained-looking projection adapter for `target` (a pipeline or transformer): an MLP from the
+    `PATCHES` encoder's width to the caption width, weights drawn from `seed`, the encoder recorded, so that
+    `vh.inject(pipe, image, adapter=adapter(pipe))` encodes images by itself."""
+    import vlhooks as vh
+    from ..injection import resolve_target
+
+    transformer, _ = resolve_target(target)
+    a = vh.ProjectionAdapter.create(transformer, PATCHES["width"], kind="mlp")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    a.config.feature_source = dict(PATCHES)
+    return a.to(next(transformer.parameters()).device)
+
+
+def reference_image(path: str = "reference.png", seed: int = 0) -> str:
+    """Write a 64x64 RGB image (seeded noise) to `path`, for examples that read a reference from a file."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(seed).random((64, 64, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
 def run_pipeline(pipe: Any, name: str, steps: int = 2, cfg: bool = False, seed: int = 0, **kwargs) -> torch.Tensor:
     """One `SIZE`x`SIZE` image of `PROMPT`, `[1, 3, SIZE, SIZE]` in [0, 1]; `cfg` turns guidance on."""
     call = dict(num_inference_steps=steps, height=SIZE, width=SIZE, max_sequence_length=TEXT_LEN,
@@ -125,4 +154,4 @@ def run_pipeline(pipe: Any, name: str, steps: int = 2, cfg: bool = False, seed: 
 
 
 __all__ = ["TinyDiT", "register_tiny", "tiny", "names", "build", "caption_width", "inputs", "output", "pipeline",
-           "run_pipeline", "SIZE", "TEXT_LEN", "PROMPT", "NEGATIVE"]
+           "run_pipeline", "adapter", "reference_image", "PATCHES", "SIZE", "TEXT_LEN", "PROMPT", "NEGATIVE"]
