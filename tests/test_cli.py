@@ -44,3 +44,18 @@ def test_compare_command_prints_table_and_report_path(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vlhooks", "compare", "--arms", "nonsense", "--out", str(out)],
                          capture_output=True, text=True, timeout=900)
     assert bad.returncode == 2 and "unknown arm 'nonsense'" in bad.stderr
+
+
+def test_train_help_is_short_and_names_the_recipes(capsys):
+    from vlhooks.__main__ import main
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 60 and "configs/tiny/projection.yaml" in out and "--help-all" in out
+
+
+def test_unknown_command_is_named(capsys):
+    from vlhooks.__main__ import main
+
+    assert main(["comapre"]) == 2
+    assert "unknown command 'comapre'; did you mean 'compare'?" in capsys.readouterr().err

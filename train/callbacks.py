@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
 
 class AdapterExport(L.Callback):
@@ -64,3 +66,47 @@ def default_loggers(run_dir: str | os.PathLike) -> list:
     except Exception as e:  # a broken wandb install must not stop training
         warnings.warn(f"wandb logger unavailable ({e}); logging to CSV only.", stacklevel=2)
     return loggers
+
+
+class StepProgressBar(ProgressBar):
+    """One bar over the run's optimizer steps, with the real total (`max_steps`, or the epochs' steps) and
+    starting where a resumed run stands; the loss shown at most twice a second (each read syncs with the device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled, self._bar, self._shown = True, None, 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not self._enabled or not trainer.is_global_zero:
+            return
+        from tqdm.auto import tqdm
+
+        total = trainer.max_steps
+        if total is None or total < 0:
+            per_epoch = -(-trainer.num_training_batches // max(1, trainer.accumulate_grad_batches))
+            total = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        self._bar = tqdm(total=total, initial=trainer.global_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(trainer.global_step - self._bar.n)
+        now = time.monotonic()
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and now - self._shown > 0.5:
+            self._bar.set_postfix(loss=f"{float(loss):.4f}")
+            self._shown = now
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)

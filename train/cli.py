@@ -42,7 +42,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from vlhooks.errors import TrainingError, VLHooksError
 
-from .callbacks import AdapterExport, default_loggers
+from .callbacks import AdapterExport, StepProgressBar, default_loggers
 from .checkpoint_io import (SafetensorsCheckpointIO, SafetensorsFSDPStrategy, check_run_dir, checkpoint_metadata,
                             lock_run_dir, remove_stale_temporaries, replace_run)
 from .data import PairsDataModule
@@ -226,6 +226,8 @@ class VLHooksCLI(LightningCLI):
             AdapterExport(run_dir, every_n_steps=int(h.save_every_n_steps)),
             SampleImages(run_dir, every_n_steps=int(h.sample_every_n_steps), count=int(h.sample_count)),
         ]
+        if cfg.get("enable_progress_bar", True) is not False:
+            extra["callbacks"].append(StepProgressBar())
         trainer = super().instantiate_trainer(**extra, **kwargs)
         if isinstance(trainer.strategy, FSDPStrategy) and "auto_wrap_policy" not in trainer.strategy.kwargs:
             from torch.distributed.fsdp.wrap import CustomPolicy
@@ -259,6 +261,9 @@ def run_cli(prog: str, make, argv: list[str]) -> int:
         argv, overwrite = pop_flag(argv, "--overwrite")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            # the frozen DiT is in eval mode on purpose; the rest is Lightning's own internals
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
             make(argv, overwrite)
     except VLHooksError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -266,14 +271,48 @@ def run_cli(prog: str, make, argv: list[str]) -> int:
     return 0
 
 
+HELP = """usage: vlhooks train --config RECIPE [--section.option VALUE ...] [--ckpt_path last|PATH] [--overwrite]
+
+Fit an adapter on a frozen DiT (a LightningCLI over vlhooks.train.AdapterModule and PairsDataModule).
+
+recipes (configs/):
+{recipes}
+
+often used:
+  --config RECIPE                  a YAML recipe (above)
+  --trainer.max_steps N            optimizer steps
+  --trainer.accelerator cpu|gpu    --trainer.devices N   --trainer.strategy ddp|fsdp
+  --trainer.precision bf16-mixed   (or 32-true, bf16-true)
+  --model.run_name NAME            outputs go to <checkpoint_root>/<run_name>/ (final/, step-N/, lightning/last.ckpt)
+  --model.checkpoint_root DIR      (default: checkpoints)
+  --model.adapter "{{type: projection, kind: mlp}}"   projection | kv | lora, and the type's options
+  --model.lr LR                    --model.save_every_n_steps N   --model.sample_every_n_steps N
+  --data.source skimage|mnist|folder|dataset   --data.batch_size N
+  --ckpt_path last|PATH            resume a run (the same weights as an uninterrupted run)
+  --overwrite                      replace a finished run of the same name (otherwise refused)
+
+vlhooks train --help-all lists every option of the recipe's sections."""
+
+
+def _recipes() -> str:
+    root = Path(__file__).resolve().parent.parent / "configs"
+    found = sorted(str(p.relative_to(root.parent)) for p in root.glob("*/*.yaml")
+                   if p.name not in ("compare.yaml", "pretrain.yaml"))
+    return "\n".join(f"  {r}" for r in found) or "  (none found next to the package)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """`vlhooks train [--overwrite] --config RECIPE [--section.option VALUE ...] [--ckpt_path last|PATH]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP.format(recipes=_recipes()))
+        return 0
+    argv = ["--help" if a == "--help-all" else a for a in argv]
 
     def make(args, overwrite):
         cli = VLHooksCLI(AdapterModule, PairsDataModule, args=["fit", *args], overwrite=overwrite,
                          save_config_kwargs={"overwrite": True}, trainer_defaults={"enable_checkpointing": True},
-                         seed_everything_default=0)
+                         seed_everything_default=0, parser_kwargs={"fit": {"prog": "vlhooks train"}})
         cli.model.release()
 
     return run_cli("vlhooks train", make, argv)
