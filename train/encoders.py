@@ -12,11 +12,15 @@ Real encoders (`dinov2-small`, `minilm`, `vae:<folder>`) come from `vlhooks.enco
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from vlhooks.encoders.patches import PatchImageEncoder
+from vlhooks.errors import DataError
 
 
 def to_pil(img: Any) -> Image.Image:
@@ -28,30 +32,6 @@ def to_pil(img: Any) -> Image.Image:
     if a.dtype != np.uint8:
         a = np.clip(a, 0, 255).astype(np.uint8)
     return Image.fromarray(a[..., :3]).convert("RGB")
-
-
-class PatchImageEncoder:
-    """Pixel patches of the image at `size` px, projected to `width` by a fixed random orthonormal matrix."""
-
-    def __init__(self, width: int, size: int = 32, patch: int = 8, seed: int = 0):
-        self.width, self.size, self.patch, self.seed = width, size, patch, seed
-        g = torch.Generator().manual_seed(seed)
-        d = 3 * patch * patch
-        q = torch.linalg.qr(torch.randn(max(d, width), min(d, width), generator=g))[0]  # orthonormal columns
-        self.proj = q if d >= width else q.T  # [3 p^2, width]
-
-    def describe(self) -> dict:
-        return {"encoder": "patches", "width": self.width, "size": self.size, "patch": self.patch, "seed": self.seed}
-
-    def __call__(self, images: list) -> tuple[torch.Tensor, None]:
-        out = []
-        for img in images:
-            a = np.asarray(to_pil(img).resize((self.size, self.size), Image.BICUBIC)).copy()
-            x = torch.from_numpy(a).float().permute(2, 0, 1) / 127.5 - 1.0  # [3, H, W]
-            p = x.unfold(1, self.patch, self.patch).unfold(2, self.patch, self.patch)  # [3, h, w, p, p]
-            p = p.permute(1, 2, 0, 3, 4).reshape(-1, 3 * self.patch * self.patch)  # [N, 3 p^2]
-            out.append(p @ self.proj * 4.0)
-        return torch.stack(out), None  # [B, N, width]
 
 
 class HashWordEncoder:
@@ -91,14 +71,30 @@ class PixelLatents:
 
 
 class VAELatents:
-    """Scaled VAE latents `(z - shift) * scale` (the convention diffusers pipelines invert when decoding)."""
+    """Training latents through a pipeline folder's VAE, as that pipeline makes them (the family's
+    `encode_latents`: Flux / SD3 / Z-Image `(z - shift) * scale`, Qwen-Image per-channel mean / std, Flux.2
+    patchified and batch-norm normalised, Sana's deep-compression latents)."""
 
     def __init__(self, path: str, subfolder: str | None = "vae", size: int = 512, device: str = "cpu",
                  dtype: str = "float32"):
-        from diffusers import AutoencoderKL
+        import json
+
+        import diffusers
+
+        from vlhooks.models import DiTFamily, family_for_class
 
         self.path, self.subfolder, self.size = path, subfolder, size
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=getattr(torch, dtype))
+        folder = Path(path) / (subfolder or "")
+        cls_name = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKL") \
+            if (folder / "config.json").is_file() else "AutoencoderKL"
+        vae_cls = getattr(diffusers, cls_name, None)
+        if vae_cls is None:
+            raise DataError(f"{folder}: unknown VAE class {cls_name!r}; point latents.path at a diffusers pipeline "
+                            "folder.")
+        index = Path(path) / "model_index.json"
+        pipeline = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+        self.family = family_for_class(pipeline) if pipeline else DiTFamily()
+        self.vae = vae_cls.from_pretrained(path, subfolder=subfolder, torch_dtype=getattr(torch, dtype))
         self.vae = self.vae.to(device).eval().requires_grad_(False)
 
     def describe(self) -> dict:
@@ -109,9 +105,7 @@ class VAELatents:
         x = torch.stack([torch.from_numpy(np.asarray(to_pil(i).resize((self.size, self.size), Image.BICUBIC)).copy())
                          for i in images]).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, H, W]
         p = next(self.vae.parameters())
-        z = self.vae.encode(x.to(p.device, p.dtype)).latent_dist.mode()
-        cfg = self.vae.config
-        return ((z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).float().cpu()  # [B, C, h, w]
+        return self.family.encode_latents(self.vae, x.to(p.device, p.dtype)).float().cpu()  # [B, C, h, w]
 
 
 class PipelineCaptionEncoder:

@@ -291,6 +291,13 @@ class DiTFamily:
         guidance rows. `sequences`: one `[L_i, C]` per prompt (float32, CPU); `pooled`: `[B, P]` or None."""
         raise NotImplementedError
 
+    def encode_latents(self, vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """Training latents of `pixels` `[B, 3, H, W]` in [-1, 1] through the pipeline's VAE, as its pipeline
+        makes them (what `velocity` takes): `(mode - shift_factor) * scaling_factor` by default. `[B, C, h, w]`."""
+        z = vae.encode(pixels).latent_dist.mode()
+        cfg = vae.config
+        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
     def prompt_kwargs(self, embeds: torch.Tensor, pooled: torch.Tensor | None) -> dict[str, Any]:
         """The pipeline `__call__` arguments that pass caption embeddings `embeds` `[B, L, C]` (and `pooled`
         `[B, P]`) instead of a prompt (the embedding route's blended captions)."""

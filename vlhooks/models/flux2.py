@@ -411,6 +411,15 @@ class Flux2Family(DiTFamily):
         return Flux2InjectionProcessor(base) if site.kind == "double" else Flux2SingleInjectionProcessor(base)
 
     # ------------------------------------------------------------------ pipeline
+    def encode_latents(self, vae, pixels):
+        # Flux2Pipeline._encode_vae_image: the mode, 2x2-patchified, normalised by the VAE's batch-norm statistics
+        z = vae.encode(pixels).latent_dist.mode()  # [B, C, h, w]
+        B, C, h, w = z.shape
+        z = z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(B, C * 4, h // 2, w // 2)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(z.device, z.dtype)
+        return (z - mean) / std
+
     def encode_prompt(self, pipe, prompts, device, max_sequence_length):
         embeds, _ = pipe.encode_prompt(prompts, device=device, max_sequence_length=max_sequence_length)  # [B, L, C]
         return PromptEmbeds(list(embeds.float().cpu()), None)

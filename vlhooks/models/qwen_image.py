@@ -282,6 +282,14 @@ class QwenImageFamily(DiTFamily):
         lengths = [embeds.shape[1]] * len(embeds) if mask is None else mask.sum(1).tolist()  # real tokens first
         return PromptEmbeds([e[: int(n)].float().cpu() for e, n in zip(embeds, lengths)], None)
 
+    def encode_latents(self, vae, pixels):
+        # AutoencoderKLQwenImage is a video VAE: one frame, per-channel mean / std (the img2img pipeline's
+        # `_encode_vae_image`, mode instead of a sample)
+        z = vae.encode(pixels[:, :, None]).latent_dist.mode()  # [B, C, 1, h, w]
+        mean = torch.tensor(vae.config.latents_mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
+        return ((z - mean) * (1.0 / std))[:, :, 0]  # [B, C, h, w]
+
     def prompt_kwargs(self, embeds, pooled):
         # every token of `embeds` is real: an all-ones mask (the pipeline then drops it, as for its own prompts)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)

@@ -170,6 +170,9 @@ class SanaFamily(DiTFamily):
         return SanaInjectionProcessor(base)
 
     # ------------------------------------------------------------------ pipeline
+    def encode_latents(self, vae, pixels):
+        return vae.encode(pixels).latent * vae.config.scaling_factor  # AutoencoderDC: deterministic latents
+
     def encode_prompt(self, pipe, prompts, device, max_sequence_length):
         kwargs = {}
         default = inspect.signature(type(pipe).__call__).parameters.get("complex_human_instruction")
