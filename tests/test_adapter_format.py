@@ -150,7 +150,7 @@ def test_interrupted_save_leaves_a_temporary_that_clean_temporaries_removes(tmp_
     monkeypatch.setattr(base, "_remove_tree", real_remove)
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and base.TMP_MARK in left[0] and not (tmp_path / "a").exists()
-    monkeypatch.setattr(base, "_alive", lambda pid: False)  # the writer is gone
+    monkeypatch.setattr(base, "process_alive", lambda pid: False)  # the writer is gone
     assert [p.name for p in base.clean_temporaries(tmp_path)] == left
     assert list(tmp_path.iterdir()) == []
 

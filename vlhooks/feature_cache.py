@@ -29,6 +29,7 @@ import torch
 
 from .errors import EncoderError, FeatureError, VLHooksError
 from .features import VLFeatures
+from .files import process_alive
 
 FORMAT = "vlhooks-features/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,22 +93,11 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         return removed
     for p in folder.iterdir():
         m = _TMP.match(p.name)
-        if m and p.is_file() and not _alive(int(m["pid"])):
+        if m and p.is_file() and not process_alive(int(m["pid"])):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
 
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _open_metadata(path: str | os.PathLike, what: str = "feature file") -> dict:

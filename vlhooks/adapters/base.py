@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import AdapterError
+from ..files import process_alive
 from ..models.base import DiTFamily, Site
 
 CONFIG_NAME = "adapter_config.json"
@@ -332,7 +333,7 @@ def clean_temporaries(folder: str | os.PathLike) -> list[Path]:
             if TMP_MARK not in entry.name:
                 continue
             pid = entry.name.split(TMP_MARK, 1)[1].split("-", 1)[0]
-            if pid.isdigit() and _alive(int(pid)):
+            if pid.isdigit() and process_alive(int(pid)):
                 continue
             if entry.is_dir():
                 _remove_tree(entry)
@@ -341,17 +342,6 @@ def clean_temporaries(folder: str | os.PathLike) -> list[Path]:
             removed.append(entry)
     return removed
 
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_config(path: str | os.PathLike) -> AdapterConfig:

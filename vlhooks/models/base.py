@@ -341,6 +341,47 @@ def grid_of(length: int, rows: torch.Tensor | None = None, cols: torch.Tensor | 
                       "square); give masks through the pipeline, or pass position ids as the pipeline makes them.")
 
 
+class DoubleSingleStreamFamily(DiTFamily):
+    """The structure Flux.1, Flux.2 and Chroma share: double-stream blocks `transformer_blocks.{i}` (indices
+    0..D-1) then single-stream blocks `single_transformer_blocks.{i}` (D..D+S-1), both attending over `[txt, img]`;
+    caption width `joint_attention_dim`, hidden width `inner_dim`; the pipelines pass sigma as the timestep and
+    position ids `img_ids` whose axes 1 and 2 are the packed latent grid's row and column."""
+
+    presets = {
+        "all": r"(single_)?transformer_blocks\.\d+",
+        "double": r"transformer_blocks\.\d+",
+        "single": r"single_transformer_blocks\.\d+",
+    }
+    img_ids_arg: tuple[str, int] = ("img_ids", 4)  # (keyword, position) in the transformer's forward
+
+    def sites(self, transformer):
+        out = [Site(f"transformer_blocks.{i}", i, "double", "attn") for i in range(len(transformer.transformer_blocks))]
+        d = len(out)
+        out += [Site(f"single_transformer_blocks.{i}", d + i, "single", "attn")
+                for i in range(len(transformer.single_transformer_blocks))]
+        return out
+
+    def caption_width(self, transformer):
+        return int(transformer.config.joint_attention_dim)
+
+    def hidden_width(self, transformer):
+        return int(transformer.inner_dim)
+
+    def batch_size(self, args, kwargs):
+        return int(arg(args, kwargs, "hidden_states", 0).shape[0])
+
+    def to_progress(self, t):
+        return 1.0 - t  # sigma in [0, 1]
+
+    def image_grid(self, transformer, args, kwargs):
+        n = int(arg(args, kwargs, "hidden_states", 0).shape[1])  # packed latent tokens
+        ids = arg(args, kwargs, *self.img_ids_arg)
+        if ids is None:
+            return grid_of(n)
+        ids = ids.reshape(-1, ids.shape[-1])
+        return grid_of(n, ids[:, 1], ids[:, 2])
+
+
 @dataclass
 class PromptEmbeds:
     """Caption embeddings as a family's pipeline makes them: one `[L_i, C]` per prompt, and `[B, P]` pooled ones

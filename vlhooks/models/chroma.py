@@ -43,7 +43,7 @@ from torch import nn
 
 from ..attention import BlockCall, extra_bias, query_bias
 from ..errors import TargetError
-from .base import DiTFamily, PromptEmbeds, Site, arg, grid_of, register_family, rows_of
+from .base import DoubleSingleStreamFamily, PromptEmbeds, Site, arg, register_family, rows_of
 from .flux import FluxInjectionProcessor
 
 _TEMB_ARG = {"double": 2, "single": 1}  # position of `temb` in the block's forward
@@ -137,48 +137,21 @@ def _as_bias(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.to(like.dtype)
 
 
-class ChromaFamily(DiTFamily):
+class ChromaFamily(DoubleSingleStreamFamily):
     name = "chroma"
     title = "Chroma"
     transformer_classes = ("ChromaTransformer2DModel",)
     # Separate conditional / unconditional calls, with no cache_context: nothing marks the unconditional one.
     batched_guidance = None
-    presets = {
-        "all": r"(single_)?transformer_blocks\.\d+",
-        "double": r"transformer_blocks\.\d+",
-        "single": r"single_transformer_blocks\.\d+",
-    }
+    img_ids_arg = ("img_ids", 3)
     pipeline_classes = ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline")
     fsdp_children = {"double": ("attn", "ff", "ff_context"), "single": ("attn", "proj_mlp", "proj_out")}
 
-    def sites(self, transformer):
-        out = [Site(f"transformer_blocks.{i}", i, "double", "attn") for i in range(len(transformer.transformer_blocks))]
-        d = len(out)
-        out += [
-            Site(f"single_transformer_blocks.{i}", d + i, "single", "attn")
-            for i in range(len(transformer.single_transformer_blocks))
-        ]
-        return out
 
-    def caption_width(self, transformer):
-        return int(transformer.config.joint_attention_dim)
 
-    def hidden_width(self, transformer):
-        return int(transformer.inner_dim)
 
-    def batch_size(self, args, kwargs):
-        return int(arg(args, kwargs, "hidden_states", 0).shape[0])
 
-    def to_progress(self, t):
-        return 1.0 - t  # sigma in [0, 1]
 
-    def image_grid(self, transformer, args, kwargs):
-        n = int(arg(args, kwargs, "hidden_states", 0).shape[1])  # packed 2x2 latent patches
-        ids = arg(args, kwargs, "img_ids", 3)
-        if ids is None:
-            return grid_of(n)
-        ids = ids.reshape(-1, ids.shape[-1])
-        return grid_of(n, ids[:, 1], ids[:, 2])
 
     def image_span(self, site, block_args, block_kwargs, grid):
         # both kinds attend over [txt, img]: the image tokens are the last ones (a single block gets them joined)

@@ -35,7 +35,7 @@ from ..attention import (
     linear_into,
     plain_joint,
 )
-from .base import DiTFamily, PromptEmbeds, Site, arg, grid_of, register_family, rows_of
+from .base import DoubleSingleStreamFamily, PromptEmbeds, arg, register_family, rows_of
 
 
 class FluxInjectionProcessor(FluxAttnProcessor):
@@ -206,53 +206,24 @@ def _with_identity_rows(rope, n: int, call):
     return out
 
 
-class FluxFamily(DiTFamily):
+class FluxFamily(DoubleSingleStreamFamily):
     name = "flux"
     title = "Flux.1"
     transformer_classes = ("FluxTransformer2DModel",)
     batched_guidance = None  # separate cond / uncond calls, marked by cache_context
-    presets = {
-        "all": r"(single_)?transformer_blocks\.\d+",
-        "double": r"transformer_blocks\.\d+",
-        "single": r"single_transformer_blocks\.\d+",
-    }
     placements = ("attention", "block_output", "pre_rope")
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlPipeline",
                         "FluxControlNetPipeline", "FluxFillPipeline", "FluxKontextPipeline", "FluxPriorReduxPipeline")
     fsdp_children = {"double": ("attn", "ff", "ff_context"), "single": ("attn", "proj_mlp", "proj_out")}
 
-    def sites(self, transformer):
-        out = [Site(f"transformer_blocks.{i}", i, "double", "attn") for i in range(len(transformer.transformer_blocks))]
-        d = len(out)
-        out += [
-            Site(f"single_transformer_blocks.{i}", d + i, "single", "attn")
-            for i in range(len(transformer.single_transformer_blocks))
-        ]
-        return out
 
-    def caption_width(self, transformer):
-        return int(transformer.config.joint_attention_dim)
 
-    def hidden_width(self, transformer):
-        return int(transformer.inner_dim)
 
-    def batch_size(self, args, kwargs):
-        return int(arg(args, kwargs, "hidden_states", 0).shape[0])
 
-    def to_progress(self, t):
-        return 1.0 - t  # sigma in [0, 1]
 
     def embed(self, transformer, tokens, mask, site, cache):
         return transformer.context_embedder(tokens)  # [B, N, D]
 
-    def image_grid(self, transformer, args, kwargs):
-        # the pipeline's img_ids hold (0, row, col) per packed 2x2 latent patch
-        n = int(arg(args, kwargs, "hidden_states", 0).shape[1])
-        ids = arg(args, kwargs, "img_ids", 4)
-        if ids is None:
-            return grid_of(n)
-        ids = ids.reshape(-1, ids.shape[-1])
-        return grid_of(n, ids[:, 1], ids[:, 2])
 
     def image_span(self, site, block_args, block_kwargs, grid):
         # both kinds attend over [txt, img]

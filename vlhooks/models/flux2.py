@@ -56,7 +56,7 @@ from torch import nn
 from .. import fused_attention
 from ..attention import BlockCall, appendable, attend_with_extras
 from ..errors import TargetError
-from .base import DiTFamily, PromptEmbeds, Site, arg, grid_of, register_family, rows_of
+from .base import DiTFamily, DoubleSingleStreamFamily, PromptEmbeds, arg, register_family, rows_of
 
 GUIDANCE = 4.0  # Flux2Pipeline's default guidance_scale (the embedded guidance of FLUX.2-dev), for `velocity`
 
@@ -247,48 +247,23 @@ class Flux2SingleInjectionProcessor(_Extras, Flux2ParallelSelfAttnProcessor):
         return attn.to_out(hidden_states)
 
 
-class Flux2Family(DiTFamily):
+class Flux2Family(DoubleSingleStreamFamily):
     name = "flux2"
     title = "Flux.2"
     transformer_classes = ("Flux2Transformer2DModel",)
     batched_guidance = None  # dev: one (guidance-distilled) call; Klein: separate cond / uncond calls, cache_context
-    presets = {
-        "all": r"(single_)?transformer_blocks\.\d+",
-        "double": r"transformer_blocks\.\d+",
-        "single": r"single_transformer_blocks\.\d+",
-    }
+    img_ids_arg = ("img_ids", 3)
     pipeline_classes = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinKVPipeline")
     # a single block's norm has no weights and its modulation comes in as an argument: its attention is everything
     fsdp_children = {"double": ("attn", "ff", "ff_context"), "single": ("attn",)}
     timestep_arg = ("timestep", 2)
 
-    def sites(self, transformer):
-        out = [Site(f"transformer_blocks.{i}", i, "double", "attn") for i in range(len(transformer.transformer_blocks))]
-        d = len(out)
-        out += [Site(f"single_transformer_blocks.{i}", d + i, "single", "attn")
-                for i in range(len(transformer.single_transformer_blocks))]
-        return out
 
-    def caption_width(self, transformer):
-        return int(transformer.config.joint_attention_dim)
 
-    def hidden_width(self, transformer):
-        return int(transformer.inner_dim)
 
     # ------------------------------------------------------------------ calls
-    def batch_size(self, args, kwargs):
-        return int(arg(args, kwargs, "hidden_states", 0).shape[0])
 
-    def to_progress(self, t):
-        return 1.0 - t  # sigma in [0, 1]
 
-    def image_grid(self, transformer, args, kwargs):
-        n = int(arg(args, kwargs, "hidden_states", 0).shape[1])  # packed latent tokens
-        ids = arg(args, kwargs, "img_ids", 3)  # (t, h, w, l) per token
-        if ids is None:
-            return grid_of(n)
-        ids = ids.reshape(-1, ids.shape[-1])
-        return grid_of(n, ids[:, 1], ids[:, 2])
 
     def image_span(self, site, block_args, block_kwargs, grid):
         # both kinds attend over [txt, img]; a single block may get them joined already (then the image is last)
