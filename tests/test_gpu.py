@@ -144,3 +144,58 @@ def _cast(x):
     if isinstance(x, list):
         return [_cast(t) for t in x]
     return x
+
+
+def _tiny_module(kind="projection"):
+    from vlhooks.testing import tiny
+    from vlhooks.train.module import AdapterModule
+
+    t = tiny("z_image")
+    spec = {"type": "projection", "kind": "linear"} if kind == "projection" else {"type": "lora", "rank": 4, "alpha": 4.0}
+    mod = AdapterModule(dit={"class_name": t.class_name, "config": t.config, "dtype": "bfloat16"}, adapter=spec,
+                        drop_image=0.0, drop_text=0.0, drop_both=0.0).to(DEV)
+    g = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(4, 16, 16, 16, generator=g), "caption": torch.randn(4, 8, t.caption_width, generator=g),
+             "caption_len": torch.full((4,), 8), "features": torch.randn(4, 12, t.caption_width, generator=g)}
+    return mod, {k: v.to(DEV) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("kind", ["projection", "lora"])
+def test_training_step_runs_a_bf16_dit_outside_autocast(kind):
+    """Under `bf16-mixed` (autocast) the module runs a bf16 DiT in its own dtype (`native_dit_precision`): the DiT's
+    forward sees no autocast, the loss and the adapter's gradients agree with the autocast path to bf16 rounding,
+    and the optimizer is the fused AdamW."""
+    mod, batch = _tiny_module(kind)
+    seen = []
+    mod.dit.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cuda")))
+    mod.handle = vh.apply_injection(mod.dit, None, mod.injection, adapter=mod.adapter)
+    losses, grads = [], []
+    for native in (True, False):
+        mod.native_dit_precision = native
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = mod.compute_loss(batch, torch.Generator().manual_seed(3))
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten().float() for p in mod.adapter.trainable_parameters()
+                                if p.grad is not None]))
+        mod.adapter.zero_grad(set_to_none=True)
+    mod.release()
+    assert seen == [False, True]
+    assert all(math.isfinite(x) for x in losses) and abs(losses[0] - losses[1]) <= 2e-2 * abs(losses[1])
+    if kind == "projection":  # LoRA's B starts at zero: only B has a gradient, and it is the one compared too
+        assert grads[0].norm() > 0
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0).item()
+    assert cos > 0.98, cos
+    opt = mod.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused") is True
+
+
+def test_host_to_device_helpers_queue_without_changing_values():
+    """The per-block index and strength tensors now come from pinned memory with `non_blocking` (no stream sync):
+    the same values as `torch.tensor(..., device=cuda)`."""
+    from vlhooks.attention import _strength_tensor
+    from vlhooks.injector import _device_index
+
+    like = torch.zeros(2, device=DEV, dtype=DT)
+    assert torch.equal(_strength_tensor([0.5, 1.0, 0.3], like), torch.tensor([0.5, 1.0, 0.3], device=DEV, dtype=DT))
+    assert torch.equal(_device_index([2, 0, 1], torch.device(DEV)), torch.tensor([2, 0, 1], device=DEV))

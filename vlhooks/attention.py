@@ -250,7 +250,10 @@ def linear_into(out: torch.Tensor, x: torch.Tensor, linear: torch.nn.Module) -> 
 def _strength_tensor(strength: list[float] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if isinstance(strength, torch.Tensor):
         return strength.to(device=like.device, dtype=like.dtype)
-    return torch.tensor(strength, device=like.device, dtype=like.dtype)
+    t = torch.tensor(strength, dtype=like.dtype)
+    if like.is_cuda:  # pinned + non_blocking: no stream sync per block (a plain copy waits for every queued kernel)
+        return t.pin_memory().to(like.device, non_blocking=True)
+    return t.to(like.device)
 
 
 def extra_bias(call: BlockCall, like: torch.Tensor) -> torch.Tensor:

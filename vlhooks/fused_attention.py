@@ -34,7 +34,7 @@ def _kernel():
 
     @triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=w, num_stages=2)
-                 for m, w in ((64, 4), (64, 8), (128, 8), (32, 4))],
+                 for m, w in ((64, 4), (64, 8), (128, 8), (32, 4), (128, 4), (32, 2))],
         key=["N", "HEAD_DIM"],
     )
     @triton.jit

@@ -313,7 +313,7 @@ class Injector:
         if m.shape[0] == 1:
             return m.expand(len(part.feature_rows), -1)
         n_pos = ref.features.batch_size
-        idx = torch.tensor([f if f < n_pos else f - n_pos for f in part.feature_rows], device=m.device)
+        idx = _device_index([f if f < n_pos else f - n_pos for f in part.feature_rows], m.device)
         return m.index_select(0, idx)
 
     def block_call(self, site: Site, args: tuple, kwargs: dict) -> BlockCall | None:
@@ -340,8 +340,10 @@ class Injector:
                 embedded = bank.expand(len(frows), -1, -1)
                 pre = None if pre is None else pre.expand(len(frows), -1, -1)
                 key_mask = None if mask is None else mask.expand(len(frows), -1)
+            elif list(frows) == list(range(bank.shape[0])):  # every row of the bank in order (a training batch)
+                embedded, key_mask = bank, mask
             else:
-                idx = torch.tensor(frows, device=bank.device)
+                idx = _device_index(frows, bank.device)
                 embedded = bank.index_select(0, idx)
                 pre = None if pre is None else pre.index_select(0, idx)
                 key_mask = None if mask is None else mask.index_select(0, idx)
@@ -405,3 +407,13 @@ class Injector:
             by_name[name].attention(self.transformer).set_processor(base)
         self.original_processors.clear()
         self.cache, self.forward_cache, self.plan, self.timestep, self.call_memo = {}, {}, None, None, {}
+
+
+def _device_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """`torch.tensor(rows, device=device)` without a stream sync: a plain host-to-device copy waits for every
+    queued kernel (once per block and step, that starved the GPU while the host caught up); from pinned memory
+    with `non_blocking` it is queued like a kernel."""
+    idx = torch.tensor(rows)
+    if device.type == "cuda":
+        return idx.pin_memory().to(device, non_blocking=True)
+    return idx.to(device)
