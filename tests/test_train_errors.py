@@ -42,8 +42,9 @@ def _error(capsys) -> str:
 def lora_run(tmp_path_factory):
     """A 2-step tiny LoRA run (its `lightning/last.ckpt`)."""
     tmp = tmp_path_factory.mktemp("lora")
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    assert main(_argv(tmp)) == 0
+    with pytest.MonkeyPatch.context() as mp:  # wandb off for this run only (a module-wide setting would leak)
+        mp.setenv("WANDB_MODE", "disabled")
+        assert main(_argv(tmp)) == 0
     return tmp, tmp / "ckpt" / "tiny-lora"
 
 
