@@ -38,6 +38,11 @@ def _error(capsys) -> str:
     return lines[0]
 
 
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # these runs check errors and files, not logging
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """A 2-step tiny LoRA run (its `lightning/last.ckpt`)."""
