@@ -3,7 +3,7 @@
 Arms (every arm sees the same prompts, reference images and initial noise):
 - `none`: the prompt alone, no reference.
 - `blend`: the embedding route: the reference's features rescaled to the caption's std and blended into the
-  caption embeddings (`vlhooks.blend`, the configured mode).
+  caption embeddings (`vlhooks.blending`, the configured mode).
 - `zero-shot`: K/V injection through the DiT's own caption path, no adapter.
 - one arm per trained adapter (`projection`, `lora`, ...): K/V injection with that adapter.
 - `random`: the control: the first trained adapter's architecture with random weights (each tensor redrawn from

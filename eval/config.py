@@ -143,7 +143,7 @@ def check_config(cfg: dict[str, Any], check_files: bool = False) -> list[Arm]:
     its blocks against the DiT's (built on the meta device), and (pipeline world) every `generate` key against the
     pipeline's `__call__`. Returns the arms; raises `CompareError` naming the fix."""
     import vlhooks as vh
-    from vlhooks.blend import BLEND_MODES
+    from vlhooks.blending import BLEND_MODES
 
     if cfg.get("world") not in ("toy", "pipeline"):
         raise CompareError(f"world must be 'toy' or 'pipeline', got {cfg.get('world')!r}.")

@@ -64,7 +64,7 @@ class PipelineWorld:
 
     def _blend_embeds(self, prompt: str, rows: list[int]) -> dict[str, Any]:
         """The pipeline `__call__` arguments carrying the prompt's caption embeddings blended with references `rows`."""
-        from vlhooks.blend import blend
+        from vlhooks.blending import blend
         from vlhooks.normalize import match_global_std
 
         n = int(self.generate_kwargs.get("max_sequence_length", 512))

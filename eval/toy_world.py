@@ -56,7 +56,7 @@ class ToyWorld:
     def _captions(self, arm: Arm, prompt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per reference: the arm's conditional caption and the empty one, padded to one length `Lc`:
         `(cond [R, Lc, C], cond_mask [R, Lc], uncond [R, Lc, C], uncond_mask [R, Lc])`."""
-        from vlhooks.blend import blend
+        from vlhooks.blending import blend
         from vlhooks.normalize import match_global_std
 
         R = len(self.ref_images)

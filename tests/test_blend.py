@@ -1,4 +1,4 @@
-"""`vlhooks.blend`: every mode against a reference computed here, the length policy, and every validation error."""
+"""`vlhooks.blending`: every mode against a reference computed here, the length policy, and every validation error."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vlhooks.blend import BLEND_MODES, blend, resample_tokens
+from vlhooks.blending import BLEND_MODES, blend, resample_tokens
 
 D = 8
 

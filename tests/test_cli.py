@@ -59,3 +59,24 @@ def test_unknown_command_is_named(capsys):
 
     assert main(["comapre"]) == 2
     assert "unknown command 'comapre'; did you mean 'compare'?" in capsys.readouterr().err
+
+
+def test_every_public_name_is_its_object_after_every_submodule_is_imported():
+    """A submodule named like a public name would shadow it once imported (`vlhooks.blend` the module instead of
+    the function); every name must still resolve to what its module defines, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, vlhooks\n"
+        "for m in pkgutil.walk_packages(vlhooks.__path__, 'vlhooks.'):\n"
+        "    if not m.name.startswith(('vlhooks.testing', 'vlhooks.train', 'vlhooks.eval', 'vlhooks.__main__')):\n"
+        "        importlib.import_module(m.name)\n"
+        "bad = [n for n, mod in vlhooks._EXPORTS.items()\n"
+        "       if getattr(vlhooks, n) is not getattr(importlib.import_module('vlhooks.' + mod), n)]\n"
+        "assert not bad, bad\n"
+        "print(len(vlhooks._EXPORTS))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip()) >= 30

@@ -35,9 +35,9 @@ _EXPORTS = {
     "LoRAAdapter": "adapters",
     "IPAdapter": "adapters",
     "import_ip_adapter": "adapters",
-    "blend": "blend",
-    "BLEND_MODES": "blend",
-    "resample_tokens": "blend",
+    "blend": "blending",
+    "BLEND_MODES": "blending",
+    "resample_tokens": "blending",
     "DiTFamily": "models",
     "Site": "models",
     "family_for": "models",
@@ -80,7 +80,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         import_ip_adapter,
         load_adapter,
     )
-    from .blend import BLEND_MODES, blend, resample_tokens
+    from .blending import BLEND_MODES, blend, resample_tokens
     from .config import InjectionConfig
     from .encoding import encode, load_features
     from .errors import (

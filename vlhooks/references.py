@@ -131,7 +131,7 @@ def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, max_tokens: int
 
     `"mean"`: token `j` of the output is the mean of the real input tokens `floor(j N / M)` to
     `ceil((j + 1) N / M) - 1` (`adaptive_avg_pool1d`'s groups), weighted by the mask. `"interpolate"`: linear
-    resampling with aligned ends (`vlhooks.blend.resample_tokens`). `"attention"`: `softmax(m t^T / sqrt(D)) t` with
+    resampling with aligned ends (`vlhooks.blending.resample_tokens`). `"attention"`: `softmax(m t^T / sqrt(D)) t` with
     `m` the `"mean"` tokens and `t` the real input tokens."""
     B, N, D = tokens.shape
     if N <= max_tokens:
@@ -140,7 +140,7 @@ def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, max_tokens: int
     weight = torch.ones(B, N, 1, dtype=tokens.dtype, device=tokens.device) if mask is None else \
         mask[..., None].to(tokens.dtype)
     if pool == "interpolate":
-        from .blend import resample_tokens
+        from .blending import resample_tokens
 
         if mask is not None and not bool(mask.all()):
             raise FeatureError("pool='interpolate' needs features without padded tokens; use pool='mean'.")
