@@ -62,9 +62,10 @@ def plan_arms(cfg: dict[str, Any], check_files: bool = True) -> list[Arm]:
                                    f"{WEIGHTS_NAME}); train it with `vlhooks train` or remove it from `adapters` "
                                    "(--adapters none runs without adapter arms).")
             meta = json.loads((path / CONFIG_NAME).read_text()) if present else {"adapter_type": "?"}
+            own = {f"injection.{k}": v for k, v in (meta.get("injection") or {}).items() if k in ("mode", "placement")}
             arms.append(Arm(name, "adapter", str(path), settings={
                 "reference": "extra K/V", "adapter": f"{meta['adapter_type']} ({path})",
-                **{f"adapter.{k}": v for k, v in meta.get("options", {}).items()}, **inj}))
+                **{f"adapter.{k}": v for k, v in meta.get("options", {}).items()}, **inj, **own}))
         else:
             raise CompareError(f"unknown arm {name!r}: use {', '.join(BUILTIN_ARMS)} or a key of `adapters` "
                                f"({sorted(adapters)}).")

@@ -18,17 +18,27 @@ from .arms import Arm, plan_arms
 TOY_DEFAULT: dict[str, Any] = {
     "world": "toy",
     "dit": "checkpoints/toy-dit/final",
+    "classifier": "checkpoints/toy-classifier",
     "encoder": {"name": "dinov2-small", "image_size": 56, "include_cls": True},
     "prompts": ["a handwritten digit"],
-    "references": {"split": "heldout", "count": 20, "seed": 0},
-    "seeds": [0, 1, 2],
-    "steps": 25,
+    "references": {"source": "mnist", "split": "heldout", "count": 50, "seed": 0},
+    "seeds": [0, 1, 2, 3, 4],
+    "steps": 8,
     "cfg": 3.0,
+    "image_guidance": None,  # None: the reference shares the text's guidance scale (plain guidance)
     "injection": {"blocks": "all", "mode": "joint"},
     "blend": {"mode": "interpolate", "alpha": 0.5},
-    "adapters": {"projection": "checkpoints/toy-projection/final", "lora": "checkpoints/toy-lora/final"},
+    "adapters": {"projection": "checkpoints/toy-projection/final", "lora": "checkpoints/toy-lora/final",
+                 "kv": "checkpoints/toy-kv/final"},
     "random_seed": 0,
     "arms": None,  # None: none, blend, zero-shot, every adapter, random
+    "similarity_seeds": 1,  # DINOv2 similarity (the costly metric) on the first seed's samples
+    "bootstrap": {"resamples": 1000, "seed": 0, "level": 0.95},
+    "sweep": {"scales": [0.0, 0.5, 1.0, 2.0, 4.0], "arms": None, "seeds": [0], "references": 50},
+    "conflict": {"prompt": "a handwritten digit", "scales": [0.0, 0.5, 1.0, 2.0, 4.0],
+                 "image_guidance": [1.0, 3.0, 6.0, 12.0], "arms": None, "seeds": [0], "references": 50},
+    "pairs": {"references": 20, "arms": None, "seeds": [0]},  # two references, left / right masks; arms null: the best
+    "grid_references": 20,
     "out": "outputs/compare",
     "wandb": False,
 }
@@ -49,11 +59,36 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> di
         if unknown:
             raise CompareError(f"{path}: unknown keys {unknown}; known: {sorted(KNOWN_KEYS)}.")
         if given.get("world", "toy") != "toy":  # a real pipeline: toy paths do not apply
-            cfg["dit"], cfg["adapters"] = None, {}
+            cfg["dit"], cfg["adapters"], cfg["classifier"] = None, {}, None
+            cfg["sweep"] = cfg["conflict"] = cfg["pairs"] = None  # they need labels
+            cfg["similarity_seeds"] = None
         cfg.update(given)
     for k, v in (overrides or {}).items():
         if v is not None:
             cfg[k] = v
+    if cfg.get("world") == "toy":
+        cfg = locate_assets(cfg)
+    return cfg
+
+
+def locate_assets(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The toy world's relative asset paths (`dit`, `classifier`, `adapters`) found wherever the command runs:
+    the current folder first (a user's own `checkpoints/...` wins), then the repository the package runs from
+    (`vlhooks.assets.shipped`). A path found nowhere stays as given, for `check_config` to name."""
+    from vlhooks.assets import shipped
+
+    def find(path):
+        if not isinstance(path, str) or not path:
+            return path
+        try:
+            return str(shipped(path))
+        except CompareError:
+            return path
+
+    cfg = dict(cfg)
+    cfg["dit"], cfg["classifier"] = find(cfg.get("dit")), find(cfg.get("classifier"))
+    if isinstance(cfg.get("adapters"), dict):
+        cfg["adapters"] = {name: find(path) for name, path in cfg["adapters"].items()}
     return cfg
 
 
@@ -93,6 +128,27 @@ def _check_sampling(cfg: dict[str, Any]) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise CompareError(f"cfg must be a number (the classifier-free guidance scale, e.g. cfg: 3.0; 1.0 for none), "
                            f"got {cfg.get('cfg')!r}.")
+    ig = cfg.get("image_guidance")
+    if ig is not None and (isinstance(ig, bool) or not isinstance(ig, (int, float)) or not math.isfinite(ig)):
+        raise CompareError(f"image_guidance must be a number (the reference's own guidance scale, e.g. 6.0) or null "
+                           f"(the same as cfg), got {ig!r}.")
+    for study, lists in (("sweep", ("scales",)), ("conflict", ("scales", "image_guidance")), ("pairs", ())):
+        spec = cfg.get(study)
+        if spec is None:
+            continue
+        if not isinstance(spec, dict):
+            raise CompareError(f"{study} must be a mapping (see configs/toy/compare.yaml) or null, got {spec!r}.")
+        for key in lists:
+            v = spec.get(key, [1.0])
+            if not isinstance(v, list) or not v or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in v):
+                raise CompareError(f"{study}.{key} must be a non-empty list of numbers >= 0, got {v!r}.")
+        seeds = spec.get("seeds", [0])
+        if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
+            raise CompareError(f"{study}.seeds must be a non-empty list of integers, got {seeds!r}.")
+        arms = spec.get("arms")
+        if arms is not None and not (isinstance(arms, list) and all(isinstance(a, str) for a in arms)):
+            raise CompareError(f"{study}.arms must be a list of arm names or null (zero-shot and the best adapter).")
 
 
 def _check_world(cfg: dict[str, Any]) -> torch.nn.Module:
@@ -102,9 +158,16 @@ def _check_world(cfg: dict[str, Any]) -> torch.nn.Module:
     import diffusers
 
     if cfg["world"] == "toy":
-        count = (cfg.get("references") or {}).get("count", 20)
+        from .references import SOURCES, TRANSFORMS
+
+        refs = cfg.get("references") or {}
+        count = refs.get("count", 50)
         if not _is_int(count, 1):
             raise CompareError(f"references.count must be an integer >= 1 (or --references N), got {count!r}.")
+        if refs.get("source", "mnist") not in SOURCES:
+            raise CompareError(f"references.source must be one of {SOURCES}, got {refs.get('source')!r}.")
+        if refs.get("transform", "none") not in TRANSFORMS:
+            raise CompareError(f"references.transform must be one of {TRANSFORMS}, got {refs.get('transform')!r}.")
         dit_path = Path(cfg["dit"] or "")
         if not (dit_path / "config.json").is_file():
             raise CompareError(f"the toy DiT {dit_path} is missing; run from the repository root or set `dit`.")

@@ -29,12 +29,44 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2.0 * covmean))
 
 
-def summarize(per_seed: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """`{arm: {metric: [value per seed]}}` -> `{arm: {metric: {"mean", "std", "n"}}}` (std over seeds, ddof 0)."""
+def summarize(per_seed: dict[str, dict[str, list[float]]],
+              per_sample: dict[str, dict[str, np.ndarray]] | None = None, resamples: int = 1000, seed: int = 0,
+              level: float = 0.95) -> dict[str, dict[str, dict[str, float]]]:
+    """`{arm: {metric: [value per seed]}}` -> `{arm: {metric: {"mean", "std", "n"}}}` (std over seeds, ddof 0).
+    With `per_sample` (`{arm: {metric: [S, R] values}}`) each such metric also gets `ci_low` / `ci_high`: the
+    bootstrap interval of its mean over references and seeds (`bootstrap_ci`)."""
     out = {}
     for arm, metrics in per_seed.items():
         out[arm] = {m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for m, v in metrics.items()}
+        for m, values in ((per_sample or {}).get(arm) or {}).items():
+            if m in out[arm]:
+                lo, hi = bootstrap_ci(values, resamples, seed, level)
+                out[arm][m].update(ci_low=lo, ci_high=hi)
     return out
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of `values` `[S, R]` (seeds x references), resampling the
+    references and the seeds independently (both with replacement): it covers the choice of references as well as
+    the sampling noise. Seeded, so a run prints the same interval every time."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim == 1:
+        v = v[None]
+    S, R = v.shape
+    g = np.random.default_rng(seed)
+    si = g.integers(0, S, size=(resamples, S))
+    ri = g.integers(0, R, size=(resamples, R))
+    # mean over the resampled seeds of the mean over the resampled references: [B]
+    ref_means = np.stack([v[:, r].mean(1) for r in ri])  # [B, S]
+    means = np.take_along_axis(ref_means, si, axis=1).mean(1)
+    a = (1.0 - level) / 2.0
+    return float(np.quantile(means, a)), float(np.quantile(means, 1.0 - a))
+
+
+def per_class(values: np.ndarray, labels: np.ndarray, classes: int = 10) -> list[float | None]:
+    """The mean of `values` `[S, R]` over the seeds and the references of each class (None: no reference)."""
+    v = np.asarray(values, dtype=float)
+    return [float(v[:, labels == k].mean()) if (labels == k).any() else None for k in range(classes)]
 
 
 class Scorer:
@@ -58,6 +90,12 @@ class Scorer:
         d = torch.nn.functional.normalize(self.dino(images).tokens[:, 0].float(), dim=-1)  # [B, 384] CLS
         e = self.effnet.pooled(images)  # [B, 1280]
         return d, e
+
+    def dino_embed(self, images: list[np.ndarray]) -> torch.Tensor:
+        """DINOv2-S CLS features, unit norm `[B, 384]` (`[0, 384]` for no image)."""
+        if not images:
+            return torch.zeros(0, 384)
+        return torch.nn.functional.normalize(self.dino(images).tokens[:, 0].float(), dim=-1)
 
     def similarity(self, samples: tuple, refs: tuple) -> tuple[np.ndarray, np.ndarray]:
         """Per row cosines `([B], [B])` of two `embed` results."""

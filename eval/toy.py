@@ -79,7 +79,70 @@ def digit_classifier(seed: int = 0) -> tuple[DigitClassifier, float]:
     return DigitClassifier(w, acc), acc
 
 
-def evaluate(dit_path: str, per_class: int = 20, cfg: float = 3.0, steps: int = 25, seed: int = 123) -> dict:
+class HalfClassifiers:
+    """Which digit a half of a 16x16 image shows: one multinomial logistic regression per half (the left 8
+    columns, the right 8), fitted on the 4000 train-split digits' halves (lbfgs, deterministic). `accuracy` is
+    each one's on the 1000 held-out digits' halves: the ceiling of the two-reference study."""
+
+    def __init__(self, seed: int = 0):
+        from sklearn.linear_model import LogisticRegression
+
+        xtr, xte, ytr, yte = mnist16(seed)
+        self.models, self.accuracy = {}, {}
+        for side in ("left", "right"):
+            clf = LogisticRegression(C=0.1, max_iter=500).fit(self.half(xtr, side), ytr)
+            self.models[side] = clf
+            self.accuracy[side] = float(clf.score(self.half(xte, side), yte))
+
+    @staticmethod
+    def half(x: np.ndarray, side: str) -> np.ndarray:
+        """`[N, 256]` (or `[N, 1, 16, 16]`) pixels -> `[N, 128]`: the left or right 8 columns."""
+        img = np.asarray(x, dtype=np.float64).reshape(len(x), 16, 16)
+        return (img[:, :, :8] if side == "left" else img[:, :, 8:]).reshape(len(x), -1)
+
+    def predict(self, x: np.ndarray, side: str) -> np.ndarray:
+        return self.models[side].predict(self.half(np.clip(x, -1, 1), side))
+
+
+CLASSIFIER_FILE = "mnist16-mlp256.safetensors"
+
+
+def load_classifier(path: str | os.PathLike | None = None) -> DigitClassifier:
+    """The shipped digit classifier (`checkpoints/toy-classifier/`: the weights `digit_classifier()` trains, saved
+    once, so every machine scores with the same classifier). `path`: that folder or its file; where it is
+    missing, the classifier is trained here (about 10 s, then cached) and a message says so."""
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    p = Path(path) if path else None
+    if p is not None and p.is_dir():
+        p = p / CLASSIFIER_FILE
+    if p is not None and p.is_file():
+        w = load_file(str(p))
+        return DigitClassifier(w, float(w["heldout_accuracy"][0]))
+    import sys
+
+    print(f"vlhooks: the shipped digit classifier {path} is missing; training one on the train split (once, then "
+          "cached).", file=sys.stderr)
+    return digit_classifier()[0]
+
+
+def export_classifier(folder: str | os.PathLike) -> str:
+    """Write the classifier `digit_classifier()` gives to `folder/mnist16-mlp256.safetensors` (what ships)."""
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    clf, acc = digit_classifier()
+    out = Path(folder) / CLASSIFIER_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in clf.w.items()}, str(out))
+    return str(out)
+
+
+def evaluate(dit_path: str, per_class: int = 20, cfg: float = 3.0, steps: int = 25, seed: int = 123,
+             classifier: str | None = "checkpoints/toy-classifier") -> dict:
     from tqdm.auto import tqdm
 
     import vlhooks as vh
@@ -93,7 +156,8 @@ def evaluate(dit_path: str, per_class: int = 20, cfg: float = 3.0, steps: int = 
     enc = load_minilm()
     caps = enc.tokens([f"a handwritten digit {d}" for d in DIGITS])
     empty = enc.tokens([""])
-    clf, clf_acc = digit_classifier()
+    clf = load_classifier(classifier)
+    clf_acc = clf.heldout_accuracy
     correct = []
     for k in tqdm(range(10), desc="sampling digits", unit="class"):
         noise = torch.randn((per_class, 1, 16, 16), generator=torch.Generator().manual_seed(seed + k))

@@ -38,7 +38,8 @@ def test_compare_command_prints_table_and_report_path(tmp_path):
                         "2", "--steps", "2", "--arms", "none", "zero-shot"], capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "| zero-shot |" in r.stdout and f"Report: {out / 'report.html'}" in r.stdout
+    assert "| `zero-shot` |" in r.stdout and f"Report: {out / 'report.html'}" in r.stdout
+    assert "pairs.png" in r.stdout and "strength.png" in r.stdout  # the figures it wrote, named
     data = json.loads((out / "metrics.json").read_text())
     assert list(data["arms"]) == ["none", "zero-shot"] and data["arms"]["none"]["class_match"]["n"] == 1
     bad = subprocess.run([sys.executable, "-m", "vlhooks", "compare", "--arms", "nonsense", "--out", str(out)],

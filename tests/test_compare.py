@@ -21,13 +21,13 @@ from vlhooks.eval.toy_world import ToyWorld
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_DIT = ROOT / "checkpoints/toy-dit/final"
-SHIPPED = {name: ROOT / f"checkpoints/toy-{name}/final" for name in ("projection", "lora")}
+SHIPPED = {name: ROOT / f"checkpoints/toy-{name}/final" for name in ("projection", "lora", "kv")}
 METRICS = ("class_match", "ref_similarity", "ref_similarity_effnet", "frechet_effnet_pca16", "prompt_consistency")
 
 
 def toy_cfg(tmp_path, **kw):
     cfg = load_config(None)
-    cfg.update(dit=str(TOY_DIT), out=str(tmp_path / "out"),
+    cfg.update(dit=str(TOY_DIT), out=str(tmp_path / "out"), classifier=str(ROOT / "checkpoints/toy-classifier"),
                adapters={k: str(v) for k, v in SHIPPED.items() if (v / "adapter_config.json").is_file()})
     cfg.update(kw)
     return cfg
@@ -38,8 +38,12 @@ def toy_cfg(tmp_path, **kw):
 def test_toy_compare_writes_grid_report_and_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    cfg = toy_cfg(tmp_path, seeds=[0, 1], steps=6, references={"split": "heldout", "count": 4, "seed": 0},
-                  wandb=True)
+    cfg = toy_cfg(tmp_path, seeds=[0, 1], steps=4, references={"split": "heldout", "count": 4, "seed": 0},
+                  wandb=True, similarity_seeds=None, grid_references=4,
+                  sweep={"scales": [0.0, 1.0, 2.0], "arms": None, "seeds": [1], "references": 4},
+                  conflict={"scales": [0.0, 1.0], "image_guidance": [1.0, 3.0, 6.0], "arms": None, "seeds": [0],
+                            "references": 4},
+                  pairs={"references": 4, "arms": None, "seeds": [0, 1]})
     result = run(cfg, command="vlhooks compare --seeds 0 1")
     out = Path(cfg["out"])
     data = json.loads((out / "metrics.json").read_text())
@@ -49,16 +53,50 @@ def test_toy_compare_writes_grid_report_and_metrics(tmp_path, monkeypatch):
     for arm, metrics in data["arms"].items():
         assert set(METRICS) <= set(metrics), arm
         for m, s in metrics.items():
-            assert set(s) == {"mean", "std", "n"} and s["n"] == 2
+            assert {"mean", "std", "n"} <= set(s) and s["n"] == 2
             per_seed = data["per_seed"][arm][m]  # the summary is the mean / spread of the per-seed values
             assert s["mean"] == pytest.approx(float(np.mean(per_seed))) and s["std"] == pytest.approx(float(np.std(per_seed)))
+            if m != "frechet_effnet_pca16":  # per-sample metrics: a bootstrap interval over references and seeds
+                assert s["ci_low"] <= s["mean"] + 1e-9 and s["mean"] <= s["ci_high"] + 1e-9, (arm, m, s)
         assert 0.0 <= metrics["class_match"]["mean"] <= 1.0 and -1.0 <= metrics["ref_similarity"]["mean"] <= 1.0
+        assert len(data["per_class"][arm]) == 10
+    assert data["chance"] == 0.1 and data["best_arm"] in cfg["adapters"] and data["seconds"] > 0
+    # the strength sweep: zero-shot and the best adapter; scale 0 injects nothing, so it is the `none` arm
+    sweep = data["sweep"]
+    assert sweep["scales"] == [0.0, 1.0, 2.0] and list(sweep["arms"]) == ["zero-shot", data["best_arm"]]
+    none1 = np.asarray(data["per_seed"]["none"]["class_match"])[1]  # seed 1: the sweep's seed
+    for arm, r in sweep["arms"].items():
+        assert len(r["class_match"]) == len(r["prompt_consistency"]) == 3
+        assert r["class_match"][0] == pytest.approx(none1)
+        assert r["class_match"][1] == pytest.approx(data["per_seed"][arm]["class_match"][1])  # scale 1: the arm
+    conflict = data["conflict"]
+    assert list(conflict["arms"]) == [data["best_arm"]]
+    r = conflict["arms"][data["best_arm"]]
+    assert len(r["by_scale"]) == 2 and len(r["by_image_guidance"]) == 3
+    for p in r["by_scale"] + r["by_image_guidance"]:
+        assert p["reference"] + p["prompt"] + p["other"] == pytest.approx(1.0)
+    assert r["by_scale"][1] == r["by_image_guidance"][1]  # scale 1 at image guidance = cfg: the same samples
+    # two references, left / right masks: B is another class; every fraction is one of 8 samples
+    pairs = data["pairs"]
+    assert list(pairs["arms"]) == [data["best_arm"]] and pairs["references"] == 4
+    refs = data["reference_labels"]
+    assert all(refs[a] != refs[b] for a, b in zip(pairs["left"], pairs["right"]))
+    assert 0.5 < pairs["half_classifier_accuracy"]["left"] <= 1 and 0.5 < pairs["half_classifier_accuracy"]["right"]
+    p = pairs["arms"][data["best_arm"]]
+    assert "examples" not in p  # pictures go to the figure, not metrics.json
+    for k in ("left_own", "left_other", "right_own", "right_other", "both_own", "alone_left_own"):
+        assert p[k] * 8 == pytest.approx(round(p[k] * 8)), k
+    assert p["left_own"] + p["left_other"] <= 1 and p["both_own"] <= min(p["left_own"], p["right_own"])
+    for fig in ("strength.png", "conflict.png", "per_class.png", "pairs.png"):
+        assert (out / fig).is_file() and fig in (out / "report.html").read_text()
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(rows) == len(expected_arms) * len(METRICS)
     from PIL import Image
 
     grid = Image.open(out / "grid.png")
     assert grid.height >= 4 * 48 and grid.width >= len(expected_arms) * 2 * 48  # 4 refs down, arms x 2 seeds across
+    px = np.asarray(grid)  # samples framed green (the reference's class) or red
+    assert ((px == [0, 170, 0]).all(-1).sum() + (px == [220, 0, 0]).all(-1).sum()) > 0
     page = (out / "report.html").read_text()
     assert "vlhooks compare --seeds 0 1" in page and 'src="grid.png"' in page
     for arm in expected_arms:
@@ -88,22 +126,101 @@ def test_none_arm_equals_the_plain_toy_sampler(tmp_path):
     assert not torch.allclose(z, x, atol=1e-3) and vh.get_injection(world.dit) is None
     again = world.generate(Arm("none", "none"), "a handwritten digit", seeds=[7, 8])
     assert torch.equal(again, x)
+    # scale 0 injects nothing: bit for bit the `none` arm (the strength sweep's first point)
+    z0 = world.generate(Arm("zero-shot", "zero-shot"), "a handwritten digit", seeds=[7, 8], scale=0.0)
+    assert torch.equal(z0, x)
+    # image guidance equal to cfg is plain guidance; another value changes the samples; a subset of references
+    # gets the same noise it gets in the whole run
+    zi = world.generate(Arm("zero-shot", "zero-shot"), "a handwritten digit", seeds=[7, 8], image_guidance=3.0)
+    torch.testing.assert_close(zi, z, atol=1e-5, rtol=0)
+    z6 = world.generate(Arm("zero-shot", "zero-shot"), "a handwritten digit", seeds=[7, 8], image_guidance=6.0)
+    assert not torch.allclose(z6, z, atol=1e-3)
+    sub = world.generate(Arm("zero-shot", "zero-shot"), "a handwritten digit", seeds=[8], rows=[2])
+    torch.testing.assert_close(sub, z[5:6], atol=1e-5, rtol=0)
+
+
+def test_image_guidance_formula_in_the_sampler():
+    """`euler_sample(image_guidance=s)`: one step is `v_u + cfg (v_t - v_u) + s (v_ti - v_t)` with the reference
+    switched by the handle's rows (grouped) or by `set_reference` (separate passes); both routes agree."""
+    from vlhooks.models import load_transformer
+    from vlhooks.sampling import euler_sample
+
+    dit = load_transformer(str(TOY_DIT))
+    fam = vh.family_for(dit)
+    g = torch.Generator().manual_seed(0)
+    noise, cap, unc = torch.randn(2, 1, 16, 16, generator=g), torch.randn(2, 6, 384, generator=g), torch.zeros(2, 6, 384)
+    cm, um = torch.ones(2, 6, dtype=torch.bool), torch.zeros(2, 6, dtype=torch.bool)
+    um[:, :2] = True
+    feats = torch.randn(2, 5, 384, generator=g)
+    sig = torch.ones(2)
+    with torch.no_grad():
+        plain = lambda c, m: fam.velocity(dit, noise, sig, c, m)  # noqa: E731
+        v_u, v_t = plain(unc, um), plain(cap, cm)
+        with vh.inject(dit, vh.VLFeatures(feats)):
+            v_ti = plain(cap, cm)
+    expect = noise - (v_u + 3.0 * (v_t - v_u) + 6.0 * (v_ti - v_t))  # one Euler step from sigma 1 to 0
+    handle = vh.apply_injection(dit, None, vh.InjectionConfig())
+    try:
+        handle.set_features(vh.VLFeatures(feats.repeat(3, 1, 1)), active=[True] * 2 + [False] * 4)
+        grouped = euler_sample(fam, dit, noise, cap, cm, steps=1, cfg=3.0, uncond=unc, uncond_mask=um, groups=1,
+                               image_guidance=6.0)
+        handle.set_features(vh.VLFeatures(feats))
+        on = lambda flag: handle.set_features(vh.VLFeatures(feats), active=[flag] * 2)  # noqa: E731
+        separate = euler_sample(fam, dit, noise, cap, cm, steps=1, cfg=3.0, uncond=unc, uncond_mask=um,
+                                image_guidance=6.0, set_reference=on)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(grouped, expect, atol=1e-5, rtol=0)
+    torch.testing.assert_close(separate, expect, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="set_reference"):
+        euler_sample(fam, dit, noise, cap, cm, steps=1, cfg=3.0, uncond=unc, uncond_mask=um, image_guidance=6.0)
+
+
+def test_bootstrap_interval():
+    from vlhooks.eval.metrics import bootstrap_ci
+
+    assert bootstrap_ci(np.full((5, 50), 0.7)) == pytest.approx((0.7, 0.7))
+    g = np.random.default_rng(0)
+    v = (g.random((5, 50)) < 0.8).astype(float)
+    lo, hi = bootstrap_ci(v)
+    assert lo < v.mean() < hi and 0.03 < hi - lo < 0.2  # binomial over 250 samples: about +-0.05
+    assert bootstrap_ci(v) == (lo, hi)  # seeded
+    # the references' spread counts: a reference-level effect widens the interval
+    ref_effect = np.tile((g.random(50) < 0.8).astype(float), (5, 1))
+    lo2, hi2 = bootstrap_ci(ref_effect)
+    assert hi2 - lo2 > 0.9 * (hi - lo)
+
+
+def readme_table() -> str:
+    """The main table of the README's "The two commands" section (what `vlhooks compare` prints)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## The two commands"):text.index("## Patch a pipeline in code")]
+    lines = [l for l in section.splitlines() if l.startswith("|")]
+    start = next(i for i, l in enumerate(lines) if l.startswith("| arm |"))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("| chance"))
+    return "\n".join(lines[start:end + 1])
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not all((p / "adapter_config.json").is_file() for p in SHIPPED.values()),
                     reason="the shipped toy adapters are not in this checkout")
-def test_trained_adapter_beats_zero_shot_and_random_on_class_match(tmp_path):
-    """The README's claim, at the README's settings (3 seeds x 20 held-out references): the best trained adapter's
-    class match exceeds zero-shot's and the random control's by more than the larger of their spreads."""
-    cfg = toy_cfg(tmp_path)
-    result = run(cfg)
-    arms = result["arms"]
-    best = max(SHIPPED, key=lambda a: arms[a]["class_match"]["mean"])
-    cm = {a: arms[a]["class_match"] for a in arms}
-    for control in ("zero-shot", "random"):
-        margin = cm[best]["mean"] - cm[control]["mean"]
-        assert margin > max(cm[best]["std"], cm[control]["std"]), (best, control, cm)
+def test_the_readme_table_and_trained_adapters_beat_the_controls(tmp_path, capsys):
+    """`vlhooks compare` at its defaults (5 seeds x 50 held-out references, the shipped DiT, classifier and
+    adapters) prints exactly the README's table; and every trained arm's class match beats zero-shot's and the
+    random control's by more than their intervals (its interval's low end above theirs' high end)."""
+    from vlhooks.eval.report import format_table
+
+    assert main(["--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    table = format_table(data["arms"], data["best_arm"], data["chance"])
+    assert table in printed
+    assert table == readme_table(), "the README's table is not what `vlhooks compare` prints: update the README"
+    cm = {a: m["class_match"] for a, m in data["arms"].items()}
+    for arm in SHIPPED:
+        for control in ("zero-shot", "random"):
+            assert cm[arm]["ci_low"] > cm[control]["ci_high"], (arm, control, cm)
+    assert data["seconds"] < 300  # 90 s on 2 idle cores; a loaded CI machine gets slack
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -257,3 +374,60 @@ def test_pipeline_world_on_a_saved_tiny_pipeline(tmp_path):
     assert "frechet_effnet_pca16" not in result["arms"]["none"]  # too few real images for a 16-d covariance
     for name in ("grid.png", "report.html", "metrics.json", "metrics.csv"):
         assert (tmp_path / "out" / name).is_file()
+
+
+def test_image_guidance_in_a_pipelines_own_call():
+    """`vh.sampling.ImageGuidance` on a tiny Z-Image pipeline: one denoising step with latent output is linear in the
+    velocity, so the guided latents are `plain + r (injected - plain)`, `r = image_guidance / text_guidance`; with
+    the pipeline's own CFG on, the unconditional rows stay unpatched and the result is the formula's."""
+    from offline_pipelines import build_zimage_pipeline
+
+    from vlhooks.sampling import ImageGuidance
+    from vlhooks.testing import PROMPT, SIZE, TEXT_LEN
+
+    pipe = build_zimage_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    width = vh.family_for(pipe.transformer).caption_width(pipe.transformer)
+    feats = vh.VLFeatures(torch.randn(1, 4, width, generator=torch.Generator().manual_seed(3)))
+
+    def call(guidance_scale=0.0):
+        return pipe(prompt=PROMPT, num_inference_steps=1, height=SIZE, width=SIZE, max_sequence_length=TEXT_LEN,
+                    guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0),
+                    output_type="latent").images
+
+    plain = call()
+    with vh.inject(pipe, feats) as handle:
+        injected = call()
+        with ImageGuidance(pipe, handle, 4.0, text_guidance=1.0):
+            guided = call()
+        with ImageGuidance(pipe, handle, 1.0, text_guidance=1.0):
+            same = call()
+    assert not torch.allclose(injected, plain, atol=1e-4)
+    torch.testing.assert_close(guided, plain + 4.0 * (injected - plain), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(same, injected, atol=0, rtol=0)
+    assert vh.get_injection(pipe) is None
+    # with CFG (Z-Image: v = v_c + w (v_c - v_u), s_txt = 1 + w): image guidance s_img = s_txt is plain injection
+    with vh.inject(pipe, feats) as handle:
+        cfg_injected = call(2.0)
+        with ImageGuidance(pipe, handle, 3.0, text_guidance=3.0):
+            cfg_same = call(2.0)
+        with ImageGuidance(pipe, handle, 6.0, text_guidance=3.0):
+            cfg_guided = call(2.0)
+    cfg_plain = call(2.0)
+    torch.testing.assert_close(cfg_same, cfg_injected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cfg_guided, cfg_plain + 2.0 * (cfg_injected - cfg_plain), atol=1e-4, rtol=1e-4)
+
+
+def test_the_default_finds_the_shipped_assets_from_any_folder(tmp_path, monkeypatch):
+    """Run from another folder, the embedded default's relative paths resolve to the repository's shipped assets;
+    a user's own `checkpoints/toy-dit/final` in the current folder wins; a path found nowhere stays as given."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None)
+    assert Path(cfg["dit"]) == TOY_DIT and Path(cfg["classifier"]) == ROOT / "checkpoints/toy-classifier"
+    assert Path(cfg["adapters"]["projection"]) == SHIPPED["projection"]
+    check_config(cfg)  # the DiT's blocks on the meta device: found
+    own = tmp_path / "checkpoints/toy-dit/final"
+    own.mkdir(parents=True)
+    (own / "config.json").write_text((TOY_DIT / "config.json").read_text())
+    assert Path(load_config(None)["dit"]) == own
+    assert load_config(None, {"classifier": "nowhere/clf"})["classifier"] == "nowhere/clf"

@@ -401,9 +401,15 @@ class PairsDataModule(L.LightningDataModule):
         shuffle: bool = True,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        augment: dict | None = None,
+        teacher_caption_template: str | None = None,
     ):
         super().__init__()
         _check_options(source, path, limit, split, reference, max_caption_tokens, batch_size, num_workers)
+        if augment is not None:  # several augmented reference variants per row (train/augment.py)
+            from .augment import AugmentSpec
+
+            AugmentSpec.from_dict(augment)
         self.save_hyperparameters()
         self.image_encoder_spec = image_encoder or {"name": "patches", "width": 16}
         self.caption_encoder_spec = caption_encoder or {"name": "hash-words", "width": 16}
@@ -421,6 +427,10 @@ class PairsDataModule(L.LightningDataModule):
                 "max_caption_tokens": h.max_caption_tokens, "seed": h.seed, "format": 1}
         if h.split is not None:  # only when set, so caches made before the option keep their key
             out["split"] = h.split
+        if h.get("augment") is not None:
+            out["augment"] = h.augment
+        if h.get("teacher_caption_template") is not None:
+            out["teacher_caption_template"] = h.teacher_caption_template
         return out
 
     def cache_path(self) -> Path:
@@ -474,6 +484,13 @@ class PairsDataModule(L.LightningDataModule):
         img_enc, cap_enc = image_encoder(self.image_encoder_spec), caption_encoder(self.caption_encoder_spec)
         lat_enc, L_max = latent_encoder(self.latents_spec), self.hparams.max_caption_tokens
         template = self.hparams.caption_template
+        teacher = self.hparams.get("teacher_caption_template")
+        variants = None
+        if self.hparams.get("augment") is not None:
+            from .augment import AugmentedReferences
+
+            variants = AugmentedReferences(self.hparams.augment, raw["image"], labels, self.hparams.reference,
+                                           self.hparams.seed)
 
         def encode(batch):
             idx = batch["index"]
@@ -487,12 +504,22 @@ class PairsDataModule(L.LightningDataModule):
             padded = torch.zeros(len(idx), L_max, caps[0].shape[-1])
             for j, c in enumerate(caps):
                 padded[j, : len(c)] = c
-            feats, fmask = img_enc([raw["image"][ref_index[i]] for i in idx])
+            if variants is not None:  # [B, copies, N, D] augmented reference variants
+                feats, fmask = variants(img_enc, list(idx))
+            else:
+                feats, fmask = img_enc([raw["image"][ref_index[i]] for i in idx])
             out = {"latents": lat_enc([raw["image"][i] for i in idx]).numpy(), "caption": padded.numpy(),
                    "caption_len": [len(c) for c in caps], "features": feats.float().numpy(),
                    "label": [int(raw["label"][i]) for i in idx], "reference_index": [ref_index[i] for i in idx]}
             if fmask is not None:
                 out["feature_mask"] = fmask.numpy()
+            if teacher is not None:  # the caption a teacher pass sees (model.distill_weight)
+                tcaps = _as_sequences(cap_enc([teacher.format(caption=raw["caption"][i], label=raw["label"][i])
+                                               for i in idx]))
+                tpad = torch.zeros(len(idx), L_max, tcaps[0].shape[-1])
+                for j, c in enumerate(tcaps):
+                    tpad[j, : min(len(c), L_max)] = c[:L_max]
+                out["teacher_caption"], out["teacher_caption_len"] = tpad.numpy(), [min(len(c), L_max) for c in tcaps]
             if pooled is not None:
                 out["pooled"] = pooled.numpy()
             return out

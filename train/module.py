@@ -8,7 +8,7 @@ and zero-shot share one code path, and a fresh adapter gives zero-shot's loss at
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning as L
@@ -41,7 +41,9 @@ def build_dit(spec: dict[str, Any]) -> torch.nn.Module:
         model = cls.from_pretrained(spec["checkpoint"], torch_dtype=dtype)
     else:
         torch.manual_seed(int(spec.get("seed", 0)))
-        model = cls(**spec.get("config", {})).to(dtype)
+        model = cls(**spec.get("config", {}))
+        if dtype != torch.float32:  # (built in float32; `.to` only when another dtype is asked for)
+            model = model.to(dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -54,6 +56,14 @@ def sample_sigma(n: int, g: torch.Generator, sampling: str, mean: float, std: fl
     else:
         raise TrainingError(f"model.timestep_sampling must be 'uniform' or 'logit_normal', got {sampling!r}.")
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def _to_device(t: torch.Tensor, dev: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`t.to(dev, dtype)` without a stream sync on CUDA (pinned memory, `non_blocking`): a plain host-to-device copy
+    waits for every kernel already queued, so the GPU would idle while the host catches up."""
+    if dev.type == "cuda":
+        t = t.pin_memory()
+    return t.to(dev, dtype, non_blocking=True)
 
 
 _DIT_KEYS = ("class_name", "config", "pretrained", "subfolder", "checkpoint", "dtype", "seed")
@@ -166,6 +176,11 @@ class AdapterModule(L.LightningModule):
         save_every_n_steps: int = 0,
         sample_every_n_steps: int = 0,
         sample_count: int = 4,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.0,
+        flow_weight: float = 1.0,
+        distill_weight: float = 0.0,
+        token_weight: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -198,6 +213,14 @@ class AdapterModule(L.LightningModule):
         if ema_decay is not None:
             check_number("model.ema_decay", ema_decay, 0, 1, low_open=True, high_open=True, example="0.999")
         check_number("model.seed", seed, 0, integer=True)
+        from .objectives import SCHEDULES  # lr schedules and caption distillation (train/objectives.py)
+
+        if lr_schedule not in SCHEDULES:
+            raise TrainingError(f"model.lr_schedule must be one of {', '.join(SCHEDULES)}, got {lr_schedule!r}.")
+        check_number("model.min_lr_ratio", min_lr_ratio, 0, 1, example="0.1")
+        check_number("model.flow_weight", flow_weight, 0, example="1.0")
+        check_number("model.distill_weight", distill_weight, 0, example="1.0")
+        check_number("model.token_weight", token_weight, 0, example="1.0")
         if not isinstance(run_name, str) or not run_name.strip() or run_name in (".", "..") or "/" in run_name \
                 or "\\" in run_name:
             raise TrainingError(f"model.run_name must be a folder name (no slashes), got {run_name!r}.")
@@ -307,14 +330,51 @@ class AdapterModule(L.LightningModule):
             pooled = pooled.clone()
             pooled[drop_txt.to(dev)] = self.trainer.datamodule.empty_pooled.to(dev, pooled.dtype)
         mask = torch.arange(caption.shape[1], device=dev)[None] < cap_len[:, None]  # [B, L]
-        sigma = sample_sigma(B, g, h.timestep_sampling, h.logit_mean, h.logit_std, h.shift).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev, x0.dtype)
-        fmask = batch.get("feature_mask")
-        self.handle.set_features(vh.VLFeatures(batch["features"], mask=fmask), active=(~drop_img).tolist())
+        sigma = _to_device(sample_sigma(B, g, h.timestep_sampling, h.logit_mean, h.logit_std, h.shift), dev)
+        noise = _to_device(torch.randn(x0.shape, generator=g), dev, x0.dtype)
+        from .augment import pick_variant
+        from .objectives import teacher_prediction
+
+        # augmented data (train/augment.py): one of each row's reference variants; plain features pass through
+        feats, fmask = pick_variant(batch["features"], batch.get("feature_mask"), g)
+        teacher = None if not h.get("distill_weight") else teacher_prediction(
+            self, batch, x0, noise, sigma, pooled, feats, fmask)
+        self.handle.set_features(vh.VLFeatures(feats, mask=fmask), active=(~drop_img).tolist())
         dtype = next(self.dit.parameters()).dtype
-        pred, target = self.family.prediction_and_target(self.dit, x0, noise, sigma, caption.to(dtype), mask,
-                                                         None if pooled is None else pooled.to(dtype))
-        return F.mse_loss(pred.float(), target.float())
+        with self._dit_precision(dev, dtype):
+            pred, target = self.family.prediction_and_target(self.dit, x0, noise, sigma, caption.to(dtype), mask,
+                                                             None if pooled is None else pooled.to(dtype))
+        if teacher is None and not h.get("token_weight"):
+            return F.mse_loss(pred.float(), target.float())
+        keep = (~drop_img).to(dev)  # rows without a reference do not depend on the adapter
+        loss = h.get("flow_weight", 1.0) * F.mse_loss(pred.float(), target.float())
+        if teacher is not None:
+            dist = ((pred.float() - teacher.float()) ** 2).flatten(1).mean(1)
+            loss = loss + h.distill_weight * (dist * keep).sum() / keep.sum().clamp_min(1)
+        if h.get("token_weight"):  # the adapter's caption-space tokens against the teacher caption's (objectives.py)
+            from .objectives import caption_token_loss
+
+            loss = loss + h.token_weight * caption_token_loss(self.adapter, batch, feats, fmask)
+        return loss
+
+    # A bf16 / fp16 DiT runs its forward in its own dtype, outside the `bf16-mixed` autocast: what Lightning's
+    # `bf16-true` does to a module, how the DiT runs at inference, and what the training floor of
+    # shared/bench/gpu_baseline.py computes; the adapter keeps its own weights (fp32 for a projection: fp32 masters)
+    # and casts at its boundary. Measured on an H200 (benchmarks/NOTES.md, section 6): the same step time as under
+    # autocast (Z-Image 512^2 batch 4: 0.980 vs 0.984 of the floor, inside the repeats' spread). False keeps
+    # autocast over the DiT (the behaviour before). FSDP always keeps autocast (its mixed precision relies on it).
+    native_dit_precision: bool = True
+
+    def _dit_precision(self, dev: torch.device, dtype: torch.dtype):
+        if not (self.native_dit_precision and dtype in (torch.bfloat16, torch.float16)
+                and torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type) == dtype):
+            return nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(getattr(strategy, "model", None), FSDP):
+            return nullcontext()
+        return torch.autocast(dev.type, enabled=False)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self._step_generator())
@@ -336,11 +396,18 @@ class AdapterModule(L.LightningModule):
                 get_ema_multi_avg_fn(self.hparams.ema_decay)(self.ema, params, torch.tensor(self.global_step))
 
     def configure_optimizers(self):
-        params = self.adapter.trainable_parameters()
+        params = list(self.adapter.trainable_parameters())
+        # one fused kernel for the whole update where every parameter is on a GPU (foreach elsewhere)
+        fused = {"fused": True} if params and all(p.is_cuda and p.is_floating_point() for p in params) else {}
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                weight_decay=self.hparams.weight_decay)
+                                weight_decay=self.hparams.weight_decay, **fused)
         warm = max(0, int(self.hparams.warmup_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        from .objectives import lr_factor
+
+        h = self.hparams
+        total = int(self.trainer.max_steps) if self._trainer is not None and self.trainer.max_steps > 0 else None
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+            s, warm, total, h.get("lr_schedule", "constant"), h.get("min_lr_ratio", 0.0)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints: the adapter only

@@ -33,6 +33,8 @@ class SampleImages(L.Callback):
         cap = torch.stack([r["caption"] for r in rows]).to(dev)
         mask = torch.arange(cap.shape[1], device=dev)[None] < torch.stack([r["caption_len"] for r in rows]).to(dev)[:, None]
         feats = torch.stack([r["features"] for r in rows]).to(dev)
+        if feats.dim() == 4:  # augmented data (train/augment.py): the first (clean) reference variant
+            feats = feats[:, 0]
         was_training = pl_module.training
         pl_module.eval()
         try:

@@ -99,10 +99,11 @@ class InjectionHandle:
         dropout in training."""
         self.injector.set_features(features, negative, active)
 
-    def set_references(self, references: Any) -> None:
+    def set_references(self, references: Any, active: list[bool] | None = None) -> None:
         """Replace the injected references (a list of `vh.Reference` / `VLFeatures`, or one); their blocks must be
-        among the patched ones."""
-        self.injector.set_references(as_references(references))
+        among the patched ones. `active` (one bool per feature row) switches rows off for every reference, e.g.
+        the unconditional rows of a batched guidance pass."""
+        self.injector.set_references(as_references(references), active)
 
     def set_scale(self, scale_or_index: float | dict[int, float] | int, scale: float | None = None) -> None:
         """`set_scale(s)`: the config's strength, a float or `{block index: float}`. `set_scale(i, s)`: the scale
