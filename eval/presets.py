@@ -7,7 +7,8 @@ the same held-out references and seeds, and three things are read from the sampl
 
 - `class_match`: the sample shows the reference's class (its content and layout);
 - `ink_correlation`: across references, the Pearson correlation of the reference's ink (mean brightness, a proxy
-  for stroke width) with the sample's: its appearance, independent of the class;
+  for stroke width) with the sample's, each taken relative to its reference class's mean (a "1" has less ink
+  than an "8" whatever the writer): its appearance, not its class;
 - `ref_similarity`: DINOv2-S cosine to the reference (both).
 
 A block that is a "style" block would keep `ink_correlation` while losing `class_match`.
@@ -39,10 +40,17 @@ def measure(adapter_path: str, references: int = 50, seeds: list[int] | None = N
     base = ToyWorld(cfg)
     scorer = Scorer(base.real_images, base.score_size)
     ref_dino = scorer.dino_embed(base.ref_small)  # [R, 384]
-    ref_ink = np.asarray([a.mean() for a in base.ref_small], dtype=np.float64)  # [R]
+    labels = base.ref_labels
+
+    def within_class(v: np.ndarray) -> np.ndarray:  # [R]: minus the mean over references of the same class
+        return v - np.asarray([v[labels == k].mean() for k in labels])
+
+    ref_ink = within_class(np.asarray([a.mean() for a in base.ref_small], dtype=np.float64))  # [R]
     arm = Arm("adapter", "adapter", adapter_path)
     sites = vh.list_sites(base.dit)
-    sets = {f"{name} only": [i] for i, name in enumerate(sites)} | {"all blocks": "all"}
+    own = adapter.config.sites or sites  # a kv or LoRA adapter has weights for its own blocks only
+    sets = {f"{name} only": [i] for i, name in enumerate(sites) if name in own}
+    sets["all its blocks"] = [i for i, name in enumerate(sites) if name in own]
     out: dict = {"adapter": adapter_path, "references": references, "seeds": seeds, "sets": {}}
     for name, blocks in sets.items():
         base.cfg = {**cfg, "injection": {**cfg["injection"], "blocks": blocks}}
@@ -53,7 +61,7 @@ def measure(adapter_path: str, references: int = 50, seeds: list[int] | None = N
         out["sets"][name] = {
             "blocks": blocks,
             "class_match": float(base.label_metrics(x)["class_match"].mean()),
-            "ink_correlation": float(np.mean([np.corrcoef(ref_ink, k)[0, 1] for k in ink])),
+            "ink_correlation": float(np.mean([np.corrcoef(ref_ink, within_class(k))[0, 1] for k in ink])),
             "ref_similarity": float((d * ref_dino[None]).sum(-1).mean()),
         }
     return out

@@ -431,3 +431,21 @@ def test_the_default_finds_the_shipped_assets_from_any_folder(tmp_path, monkeypa
     (own / "config.json").write_text((TOY_DIT / "config.json").read_text())
     assert Path(load_config(None)["dit"]) == own
     assert load_config(None, {"classifier": "nowhere/clf"})["classifier"] == "nowhere/clf"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED["kv"] / "adapter_config.json").is_file(), reason="no shipped kv adapter")
+def test_block_measurement_behind_the_presets(tmp_path):
+    """`python -m vlhooks.eval.presets`: one row per block the adapter has weights for, plus all of them together;
+    that last row is the compare arm itself (same references, seeds and samples)."""
+    from vlhooks.eval.presets import measure
+
+    r = measure(str(SHIPPED["kv"]), references=20, seeds=[0])  # two per class: a within-class spread exists
+    assert list(r["sets"]) == ["layers.0 only", "layers.1 only", "all its blocks"]
+    cfg = load_config(None)
+    cfg["references"] = {**cfg["references"], "count": 20}
+    world = ToyWorld(cfg)
+    x = world.generate(Arm("kv", "adapter", str(SHIPPED["kv"])), cfg["prompts"][0], [0], vh.load_adapter(SHIPPED["kv"]))
+    assert r["sets"]["all its blocks"]["class_match"] == pytest.approx(world.label_metrics(x)["class_match"].mean())
+    for m in r["sets"].values():
+        assert 0 <= m["class_match"] <= 1 and -1 <= m["ink_correlation"] <= 1 and 0 < m["ref_similarity"] <= 1
