@@ -20,6 +20,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: Path, name: str) -> str:
+    """Lay out, write `out/name`, close; returns `name` (the report links it)."""
+    fig.tight_layout()
+    fig.savefig(out / name)
+    plt.close(fig)
+    return name
+
+
 def _color(name: str, i: int) -> str:
     return COLORS.get(name, f"C{i % 10}")
 
@@ -43,11 +51,7 @@ def strength_plot(sweep: dict[str, Any] | None, out: Path, chance: float | None)
     ax.set_title(f"Strength sweep ({sweep['references']} references x {len(sweep['seeds'])} seed(s))", fontsize=10)
     ax.legend(fontsize=7, loc="center right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "strength.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path.name
+    return _save(plt, fig, out, "strength.png")
 
 
 def conflict_plot(conflict: dict[str, Any] | None, out: Path) -> str | None:
@@ -73,11 +77,7 @@ def conflict_plot(conflict: dict[str, Any] | None, out: Path) -> str | None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Conflict: the prompt names one class, the reference shows another "
                  f"({conflict['references']} references x {len(conflict['seeds'])} seed(s))", fontsize=9)
-    fig.tight_layout()
-    path = out / "conflict.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path.name
+    return _save(plt, fig, out, "conflict.png")
 
 
 def per_class_plot(per_class: dict[str, list] | None, out: Path, chance: float | None) -> str | None:
@@ -97,11 +97,7 @@ def per_class_plot(per_class: dict[str, list] | None, out: Path, chance: float |
     ax.set_ylabel("class match")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, ncol=len(names))
-    fig.tight_layout()
-    path = out / "per_class.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path.name
+    return _save(plt, fig, out, "per_class.png")
 
 
 def training_plot(provenance: dict[str, Any] | None, out: Path) -> str | None:
@@ -117,11 +113,7 @@ def training_plot(provenance: dict[str, Any] | None, out: Path) -> str | None:
     ax.set_ylabel("training loss")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "training.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path.name
+    return _save(plt, fig, out, "training.png")
 
 
 def pairs_plot(pairs: dict[str, Any] | None, examples: dict[str, list] | None, ref_images: list, out: Path,
@@ -145,8 +137,8 @@ def pairs_plot(pairs: dict[str, Any] | None, examples: dict[str, list] | None, r
         r = pairs["arms"][name]
         ax.bar([k + (i - len(names) / 2 + 0.5) * w for k in range(len(keys))], [r[k] for k, _ in keys], w,
                color=_color(name, i), label=name)
-        ax.plot([-0.4, 0.4], [r["alone_left_own"]] * 2, color=_color(name, i), ls="--", lw=1,
-                label=f"{name}: A alone, left half")
+        ax.plot([-0.4, 0.4], [r["alone_left_own"]] * 2, color="#555555", ls="--", lw=1.5,
+                label=f"{name}: A alone over the whole image, left half")
     acc = pairs["half_classifier_accuracy"]
     ax.plot([-0.4, 0.4], [acc["left"]] * 2, color="k", lw=1, label="half classifier on real digits")
     ax.plot([0.6, 1.4], [acc["right"]] * 2, color="k", lw=1)
@@ -173,8 +165,4 @@ def pairs_plot(pairs: dict[str, Any] | None, examples: dict[str, list] | None, r
                   vmax=255, interpolation="nearest")
         ax.set_title(f"{name}: reference A | reference B | sample", fontsize=9)
     ax.axis("off")
-    fig.tight_layout()
-    path = out / "pairs.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path.name
+    return _save(plt, fig, out, "pairs.png")

@@ -37,30 +37,29 @@ def measure(adapter_path: str, references: int = 50, seeds: list[int] | None = N
     cfg = load_config(None)
     cfg["references"] = {**cfg["references"], "count": references}
     adapter = vh.load_adapter(adapter_path)
-    base = ToyWorld(cfg)
-    scorer = Scorer(base.real_images, base.score_size)
-    ref_dino = scorer.dino_embed(base.ref_small)  # [R, 384]
-    labels = base.ref_labels
+    world = ToyWorld(cfg)
+    scorer = Scorer(world.real_images, world.score_size)
+    ref_dino = scorer.dino_embed(world.ref_small)  # [R, 384]
+    labels = world.ref_labels
 
     def within_class(v: np.ndarray) -> np.ndarray:  # [R]: minus the mean over references of the same class
         return v - np.asarray([v[labels == k].mean() for k in labels])
 
-    ref_ink = within_class(np.asarray([a.mean() for a in base.ref_small], dtype=np.float64))  # [R]
+    ref_ink = within_class(np.asarray([a.mean() for a in world.ref_small], dtype=np.float64))  # [R]
     arm = Arm("adapter", "adapter", adapter_path)
-    sites = vh.list_sites(base.dit)
+    sites = vh.list_sites(world.dit)
     own = adapter.config.sites or sites  # a kv or LoRA adapter has weights for its own blocks only
     sets = {f"{name} only": [i] for i, name in enumerate(sites) if name in own}
     sets["all its blocks"] = [i for i, name in enumerate(sites) if name in own]
     out: dict = {"adapter": adapter_path, "references": references, "seeds": seeds, "sets": {}}
     for name, blocks in sets.items():
-        base.cfg = {**cfg, "injection": {**cfg["injection"], "blocks": blocks}}
-        x = base.generate(arm, cfg["prompts"][0], seeds, adapter)  # [S * R, 1, 16, 16]
+        x = world.generate(arm, cfg["prompts"][0], seeds, adapter, blocks=blocks)  # [S * R, 1, 16, 16]
         images = [to_uint8(xi) for xi in x]
         ink = np.asarray([a.mean() for a in images], dtype=np.float64).reshape(len(seeds), -1)
         d = scorer.dino_embed(images).view(len(seeds), -1, 384)
         out["sets"][name] = {
             "blocks": blocks,
-            "class_match": float(base.label_metrics(x)["class_match"].mean()),
+            "class_match": float(world.label_metrics(x)["class_match"].mean()),
             "ink_correlation": float(np.mean([np.corrcoef(ref_ink, within_class(k))[0, 1] for k in ink])),
             "ref_similarity": float((d * ref_dino[None]).sum(-1).mean()),
         }

@@ -91,7 +91,7 @@ class ToyWorld:
     @torch.no_grad()
     def generate(self, arm: Arm, prompt: str | list[str], seeds: list[int], adapter=None, *,
                  scale: float | None = None, image_guidance: float | None = "config",
-                 rows: list[int] | None = None) -> torch.Tensor:
+                 rows: list[int] | None = None, blocks=None) -> torch.Tensor:
         """Samples for every seed x reference, seed-major: `[S * R, 1, 16, 16]` in [-1, 1]. Seed `s` draws the
         noise of all references from `Generator().manual_seed(s)` (the first `R` draws when `rows` picks a subset),
         the same in every arm. One batched pass per seed and step: the R conditional rows (the reference on), with
@@ -99,6 +99,7 @@ class ToyWorld:
         caption, no reference).
 
         `prompt`: one prompt, or one per reference (`rows`). `scale`: the injection strength (None: the config's).
+        `blocks`: the blocks to inject into (None: the config's).
         `image_guidance`: the reference's own guidance scale (None: the same as `cfg`; "config": the config's).
         Image guidance applies to the arms that inject K/V (the blend arm's reference is in its caption)."""
         import vlhooks as vh
@@ -121,6 +122,8 @@ class ToyWorld:
             config = injection_config(self.cfg["injection"], adapter if arm.kind == "adapter" else None)
             if scale is not None:
                 config = dataclasses.replace(config, scale=float(scale))
+            if blocks is not None:
+                config = dataclasses.replace(config, blocks=blocks)
             handle = vh.apply_injection(self.dit, None, config, adapter=adapter)
             handle.set_features(feats, active=[True] * R + [False] * R * (len(order) - 1))
         try:
