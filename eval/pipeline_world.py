@@ -123,32 +123,20 @@ class PipelineWorld:
 
     def text_guidance(self) -> float:
         """The pipeline's effective text guidance scale `s` (`v_u + s (v_c - v_u)`; 1 without guidance): the
-        config's `pipeline.text_guidance`, else read from the `generate` arguments (and the call's defaults) of the
-        pipelines whose convention is known (Z-Image: 1 + guidance_scale; SD3 / Sana / PixArt: guidance_scale when
-        above 1; Flux: true_cfg_scale when above 1 with a negative prompt)."""
+        config's `pipeline.text_guidance`, else the family's reading of the `generate` arguments and the call's
+        defaults (`DiTFamily.text_guidance`)."""
         import inspect
 
         spec = self.cfg.get("pipeline") or {}
         if spec.get("text_guidance") is not None:
             return float(spec["text_guidance"])
         params = inspect.signature(type(self.pipe).__call__).parameters
-        def arg(name, default=None):
-            if name in self.generate_kwargs:
-                return self.generate_kwargs[name]
-            p = params.get(name)
-            return default if p is None or p.default is inspect.Parameter.empty else p.default
-        name = type(self.pipe).__name__
-        if name.startswith("ZImage"):
-            w = float(arg("guidance_scale", 0.0) or 0.0)
-            return 1.0 + w if w > 0 else 1.0
-        if name.startswith("Flux"):
-            w = float(arg("true_cfg_scale", 1.0) or 1.0)
-            return w if w > 1 and arg("negative_prompt") is not None else 1.0
-        if "guidance_scale" in params:
-            w = float(arg("guidance_scale", 1.0) or 1.0)
-            return w if w > 1 else 1.0
-        raise CompareError(f"image_guidance with {name}: set pipeline.text_guidance to the pipeline's guidance "
-                           "scale s (v_u + s (v_c - v_u); 1 without guidance).")
+        call = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+        s = self.family.text_guidance({**call, **self.generate_kwargs})
+        if s is None:
+            raise CompareError(f"image_guidance with {type(self.pipe).__name__}: set pipeline.text_guidance to the "
+                               "pipeline's guidance scale s (v_u + s (v_c - v_u); 1 without guidance).")
+        return float(s)
 
     def label_metrics(self, samples: torch.Tensor, rows=None) -> dict[str, np.ndarray]:
         """None: no labels in this world."""

@@ -91,3 +91,25 @@ def test_spatial_masks_on_every_family_that_has_them(name, mode):
     with vh.inject(model, [vh.Reference(feats, mask=half)], cfg):
         masked = output(model, kw)
     assert (masked - base).abs().max() > 1e-6 and (masked - unmasked).abs().max() > 1e-6
+
+
+def test_text_guidance_follows_each_pipelines_convention():
+    """`DiTFamily.text_guidance(call)` is the `s` of `v_u + s (v_c - v_u)` each pipeline runs: ZImagePipeline
+    `v_c + w (v_c - v_u)` (s = 1 + w); FluxPipeline true CFG only with `true_cfg_scale > 1` and a negative prompt
+    (its `guidance_scale` is an embedding), QwenImagePipeline likewise; Flux2Pipeline none (distilled); diffusers'
+    `guidance_scale` above 1 elsewhere; None where the call has no guidance argument."""
+    from vlhooks.models import family_named
+
+    assert family_named("z_image").text_guidance({"guidance_scale": 4.0}) == 5.0
+    assert family_named("z_image").text_guidance({"guidance_scale": 0.0}) == 1.0
+    flux = family_named("flux")
+    assert flux.text_guidance({"guidance_scale": 3.5, "true_cfg_scale": 4.0, "negative_prompt": "blurry"}) == 4.0
+    assert flux.text_guidance({"guidance_scale": 3.5, "true_cfg_scale": 4.0, "negative_prompt": None}) == 1.0
+    assert family_named("flux2").text_guidance({"guidance_scale": 4.0}) == 1.0
+    qwen = family_named("qwen_image")  # QwenImagePipeline: true CFG as Flux's, here with negative embeddings
+    assert qwen.text_guidance({"true_cfg_scale": 4.0, "negative_prompt": None, "guidance_scale": None}) == 1.0
+    assert qwen.text_guidance({"true_cfg_scale": 4.0, "negative_prompt_embeds": torch.zeros(1)}) == 4.0
+    for name in ("sd3", "sana", "pixart", "chroma", "lumina2"):
+        assert family_named(name).text_guidance({"guidance_scale": 7.0}) == 7.0, name
+        assert family_named(name).text_guidance({"guidance_scale": 0.5}) == 1.0, name
+    assert family_named("sd3").text_guidance({"num_inference_steps": 4}) is None

@@ -154,6 +154,15 @@ class DiTFamily:
         property; families whose pipelines keep it local decide from the call)."""
         return bool(getattr(pipeline, "do_classifier_free_guidance", False))
 
+    def text_guidance(self, call: dict[str, Any]) -> float | None:
+        """The effective text guidance scale `s` (`v_u + s (v_c - v_u)`; 1 without guidance) of a pipeline call
+        with arguments `call` (its `__call__` defaults updated by the given ones); None where this family's
+        pipelines have no convention for it. Default: diffusers' `guidance_scale`, guiding when above 1."""
+        if "guidance_scale" not in call:
+            return None
+        w = float(call["guidance_scale"] or 1.0)
+        return w if w > 1 else 1.0
+
     def call_role(self, args: tuple, kwargs: dict, memo: dict) -> str | None:
         """For pipelines that make separate conditional / unconditional calls WITHOUT diffusers'
         `cache_context("uncond")`: `"uncond"` when this call is the unconditional one, else None. Asked only while
@@ -339,6 +348,14 @@ def grid_of(length: int, rows: torch.Tensor | None = None, cols: torch.Tensor | 
         return side, side
     raise ConfigError(f"cannot tell the image-token grid of {length} tokens (no integer position ids and not a "
                       "square); give masks through the pipeline, or pass position ids as the pipeline makes them.")
+
+
+def true_cfg_guidance(call: dict[str, Any]) -> float:
+    """`s` of the pipelines with "true CFG" (FluxPipeline, QwenImagePipeline): `true_cfg_scale` when above 1 and
+    a negative prompt (or its embeddings) is given, else 1 (their `guidance_scale` is a distilled embedding)."""
+    w = float(call.get("true_cfg_scale") or 1.0)
+    negative = call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None
+    return w if w > 1 and negative else 1.0
 
 
 class DoubleSingleStreamFamily(DiTFamily):

@@ -35,7 +35,7 @@ from ..attention import (
     linear_into,
     plain_joint,
 )
-from .base import DoubleSingleStreamFamily, PromptEmbeds, arg, register_family, rows_of
+from .base import DoubleSingleStreamFamily, PromptEmbeds, arg, register_family, rows_of, true_cfg_guidance
 
 
 class FluxInjectionProcessor(FluxAttnProcessor):
@@ -306,6 +306,10 @@ class FluxFamily(DoubleSingleStreamFamily):
         return FluxInjectionProcessor(base)
 
     # ------------------------------------------------------------------ pipeline
+    def text_guidance(self, call):
+        """FluxPipeline's `guidance_scale` is the distilled guidance embedding, not CFG (`true_cfg_guidance`)."""
+        return true_cfg_guidance(call)
+
     def encode_prompt(self, pipe, prompts, device, max_sequence_length):
         embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, device=device,
                                                max_sequence_length=max_sequence_length)  # [B, L, C], [B, P]

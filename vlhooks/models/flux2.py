@@ -395,6 +395,10 @@ class Flux2Family(DoubleSingleStreamFamily):
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(z.device, z.dtype)
         return (z - mean) / std
 
+    def text_guidance(self, call):
+        """Flux2Pipeline's `guidance_scale` is the distilled guidance embedding: one prediction per step, no CFG."""
+        return 1.0
+
     def encode_prompt(self, pipe, prompts, device, max_sequence_length):
         embeds, _ = pipe.encode_prompt(prompts, device=device, max_sequence_length=max_sequence_length)  # [B, L, C]
         return PromptEmbeds(list(embeds.float().cpu()), None)

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..attention import BlockCall, attend_with_extras
 from ..errors import ConfigError, TargetError
-from .base import DiTFamily, PromptEmbeds, Site, arg, grid_of, register_family, rows_of
+from .base import DiTFamily, PromptEmbeds, Site, arg, grid_of, register_family, rows_of, true_cfg_guidance
 
 
 class QwenImageInjectionProcessor(QwenDoubleStreamAttnProcessor2_0):
@@ -276,6 +276,10 @@ class QwenImageFamily(DiTFamily):
         return QwenImageInjectionProcessor(base)
 
     # ------------------------------------------------------------------ pipeline
+    def text_guidance(self, call):
+        """QwenImagePipeline: true CFG (`true_cfg_guidance`); its `guidance_scale` is for guidance-distilled models."""
+        return true_cfg_guidance(call)
+
     def encode_prompt(self, pipe, prompts, device, max_sequence_length):
         embeds, mask = pipe.encode_prompt(prompts, device=device,
                                           max_sequence_length=max_sequence_length)  # [B, L, C], [B, L] or None

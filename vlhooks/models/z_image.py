@@ -231,6 +231,11 @@ class ZImageFamily(DiTFamily):
         return ZImageInjectionProcessor(base)
 
     # ------------------------------------------------------------------ pipeline
+    def text_guidance(self, call):
+        """ZImagePipeline guides with `v_c + w (v_c - v_u)`, i.e. `s = 1 + guidance_scale`."""
+        w = float(call.get("guidance_scale") or 0.0)
+        return 1.0 + w if w > 0 else 1.0
+
     def encode_prompt(self, pipe, prompts, device, max_sequence_length):
         embeds, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False,
                                        max_sequence_length=max_sequence_length)  # one [L_i, C] per prompt
