@@ -306,7 +306,15 @@ def test_config_errors_name_the_fix(tmp_path):
     ({"steps": 0}, "steps must be an integer >= 1"),
     ({"cfg": "3.0"}, "cfg must be a number"),
     ({"seeds": []}, "seeds must be a non-empty list"),
-], ids=["window", "negative-joint-scale", "blend-mode", "zero-steps", "cfg-not-a-number", "no-seeds"])
+    ({"image_guidance": "6"}, "image_guidance must be a number"),
+    ({"sweep": {"scales": [1.0, -1.0]}}, "sweep.scales must be a non-empty list of numbers >= 0"),
+    ({"conflict": {"scales": [1.0], "image_guidance": []}}, "conflict.image_guidance must be a non-empty list"),
+    ({"pairs": {"seeds": "0"}}, "pairs.seeds must be a non-empty list of integers"),
+    ({"references": {"source": "mnist", "transform": "sepia"}}, "references.transform must be one of"),
+    ({"references": {"source": "emnist"}}, "references.source must be one of"),
+], ids=["window", "negative-joint-scale", "blend-mode", "zero-steps", "cfg-not-a-number", "no-seeds",
+        "image-guidance-not-a-number", "negative-sweep-scale", "empty-conflict-guidance", "pairs-seeds",
+        "unknown-transform", "unknown-source"])
 def test_bad_config_fails_before_any_arm_runs(tmp_path, monkeypatch, bad, match):
     """The whole config is checked first: no world is loaded, no arm runs, no output folder is written."""
     def no_world(*args, **kwargs):
