@@ -251,6 +251,16 @@ def zimage_inputs():
     return lat, t, cap
 
 
+def quadrant_masks() -> list[torch.Tensor]:
+    """Four masks, each one quadrant of the 64 x 64 image-token grid (Z-Image at 1024^2)."""
+    quads = []
+    for i in range(4):
+        q = torch.zeros(64, 64, dtype=torch.bool, device=DEV)
+        q[(i // 2) * 32:(i // 2 + 1) * 32, (i % 2) * 32:(i % 2 + 1) * 32] = True
+        quads.append(q)
+    return quads
+
+
 def zimage():
     m = model("z_image")
     lat, t, cap = zimage_inputs()
@@ -260,12 +270,7 @@ def zimage():
         m([lat], t, [cap], return_dict=False)
 
     f64 = vh.VLFeatures(rnd(1, 64, 2560))
-    quads = []
-    for i in range(4):  # four references, each masked to one quadrant of the 64 x 64 image-token grid
-        q = torch.zeros(64, 64, dtype=torch.bool, device=DEV)
-        q[(i // 2) * 32:(i // 2 + 1) * 32, (i % 2) * 32:(i % 2 + 1) * 32] = True
-        quads.append(q)
-    refs = [vh.Reference(vh.VLFeatures(rnd(1, 64, 2560)), mask=q) for q in quads]
+    refs = [vh.Reference(vh.VLFeatures(rnd(1, 64, 2560)), mask=q) for q in quadrant_masks()]
     variants = [
         dict(injection_variant("zimage_joint_64_ratio", "Z-Image joint 64 tok x 30 blocks", m, f64,
                                vh.InjectionConfig()), fn=fwd),
@@ -273,6 +278,8 @@ def zimage():
                                vh.InjectionConfig(), env={"VLHOOKS_FUSED_ATTENTION": "0"}), fn=fwd),
         dict(injection_variant("zimage_multiref_4x64_ratio", "Z-Image 4 refs x 64 tok, quadrant masks, 30 blocks",
                                m, refs, vh.InjectionConfig()), fn=fwd),
+        dict(injection_variant("zimage_multiref_4x64_concat_ratio", "Z-Image 4 x 64 masked, two-pass kernel off",
+                               m, refs, vh.InjectionConfig(), env={"VLHOOKS_FUSED_ATTENTION": "0"}), fn=fwd),
     ]
     group("zimage", fwd, variants)
     peak_memory("zimage_joint_64_peak_memory_ratio", fwd,
@@ -383,10 +390,15 @@ def qwenimage():
         m(**kw)
 
     feats = vh.VLFeatures(rnd(1, 64, 3584))
-    group("qwenimage", fwd, [dict(injection_variant("qwenimage_joint_64_ratio", "Qwen-Image joint 64 tok, all blocks",
-                                                    m, feats, vh.InjectionConfig()), fn=fwd)])
+    group("qwenimage", fwd, [
+        dict(injection_variant("qwenimage_joint_64_ratio", "Qwen-Image joint 64 tok, all blocks", m, feats,
+                               vh.InjectionConfig()), fn=fwd),
+        dict(injection_variant("qwenimage_joint_64_concat_ratio", "Qwen-Image joint 64, two-pass kernel off", m,
+                               feats, vh.InjectionConfig(), env={"VLHOOKS_FUSED_ATTENTION": "0"}), fn=fwd)])
     peak_memory("qwenimage_joint_64_peak_memory_ratio", fwd, lambda: vh.apply_injection(m, feats, vh.InjectionConfig()),
                 fwd)
+    # wall vs GPU busy time: whether the spread between repeats is the host
+    profile_one("qwenimage_joint_64", fwd, lambda: vh.apply_injection(m, feats, vh.InjectionConfig()))
 
 
 def flux2():
@@ -478,6 +490,7 @@ def attach(m, mod):
     m.eval()
     (m.enable_gradient_checkpointing if mod.hparams.gradient_checkpointing else m.disable_gradient_checkpointing)()
     mod.handle = vh.apply_injection(m, None, mod.injection, adapter=mod.adapter)
+    mod.training_attention(True)  # as on_fit_start: cuDNN's SDPA off where the family says (Flux.1)
 
 
 def detach(mod):
@@ -674,8 +687,9 @@ def throughput(families=("z_image", "flux")):
         m.disable_gradient_checkpointing()
 
 
-def busy(fn) -> tuple[float, int]:
-    """GPU busy time (ms: the sum of the kernels' own times) and kernel count of one call (torch.profiler)."""
+def busy(fn, per_kernel: bool = False):
+    """GPU busy time (ms: the sum of the kernels' own times) and kernel count of one call (torch.profiler); with
+    `per_kernel`, also `{kernel name: (count, ms)}`."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -685,15 +699,23 @@ def busy(fn) -> tuple[float, int]:
         fn()
         sync()
     kernels = [e for e in p.events() if e.device_type == DeviceType.CUDA]
-    total = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in kernels)
-    return total / 1e3, len(kernels)
+    def own(e):
+        return getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
+
+    total = sum(own(e) for e in kernels)
+    if not per_kernel:
+        return total / 1e3, len(kernels)
+    per: dict[str, tuple[int, float]] = {}
+    for e in kernels:
+        c, t = per.get(e.name, (0, 0.0))
+        per[e.name] = (c + 1, t + own(e) / 1e3)
+    return total / 1e3, len(kernels), per
 
 
 def profile_part():
     """Where a patched forward's extra time goes: GPU busy time (kernels) vs wall time, plain vs patched, for
-    Z-Image joint 64 x 30 and Flux joint 128 x 57. wall - busy is time the GPU waited for the host."""
-    if DEV != "cuda":
-        return
+    Z-Image joint 64 x 30 (and 4 x 64 masked) and Flux joint 128 x 57. wall - busy is time the GPU waited for the
+    host. (On the CPU dry run the GPU columns are empty.)"""
     for name in ("z_image", "flux"):
         m = model(name)
         if name == "z_image":
@@ -703,22 +725,40 @@ def profile_part():
         else:
             fwd = flux_inputs(m)
             feats, key = vh.VLFeatures(rnd(1, 128, 4096)), "flux_57blocks_128"
-        out = {}
-        for label in ("plain", "patched"):
-            h = vh.apply_injection(m, feats, vh.InjectionConfig()) if label == "patched" else None
-            fwd()
-            wall = statistics.median(_time(fwd) for _ in range(5))
-            b, n = busy(fwd)
-            out[label] = (wall, b, n)
-            if h:
-                h.remove()
-        (pw, pb, pn), (qw, qb, qn) = out["plain"], out["patched"]
-        RESULTS[f"profile_{key}"] = {"plain_wall_ms": round(pw, 2), "plain_busy_ms": round(pb, 2), "plain_kernels": pn,
-                                     "patched_wall_ms": round(qw, 2), "patched_busy_ms": round(qb, 2),
-                                     "patched_kernels": qn}
-        print(f"profile {key}: wall {pw:.2f} -> {qw:.2f} ms (+{qw - pw:.2f}), GPU busy {pb:.2f} -> {qb:.2f} ms "
-              f"(+{qb - pb:.2f}), idle {pw - pb:.2f} -> {qw - qb:.2f} ms, kernels {pn} -> {qn}", flush=True)
-        save()
+        profile_one(key, fwd, lambda: vh.apply_injection(m, feats, vh.InjectionConfig()))
+        if name == "z_image":
+            refs = [vh.Reference(vh.VLFeatures(rnd(1, 64, 2560)), mask=q) for q in quadrant_masks()]
+            profile_one("zimage_multiref_4x64", fwd, lambda: vh.apply_injection(m, refs, vh.InjectionConfig()))
+
+
+def profile_one(key, fwd, patch):
+    """Wall and GPU busy time, plain vs patched (`patch()` returns the handle), and the kernels the patch adds
+    (names with their added count and time, the top 12 by time)."""
+    out, kernels = {}, {}
+    for label in ("plain", "patched"):
+        h = patch() if label == "patched" else None
+        fwd()
+        wall = statistics.median(_time(fwd) for _ in range(5))
+        b, n, per = busy(fwd, per_kernel=True)
+        out[label], kernels[label] = (wall, b, n), per
+        if h:
+            h.remove()
+    (pw, pb, pn), (qw, qb, qn) = out["plain"], out["patched"]
+    added = {}
+    for name in set(kernels["plain"]) | set(kernels["patched"]):
+        c0, t0 = kernels["plain"].get(name, (0, 0.0))
+        c1, t1 = kernels["patched"].get(name, (0, 0.0))
+        if c1 != c0 or abs(t1 - t0) > 0.05:
+            added[name[:90]] = (c1 - c0, round(t1 - t0, 3))
+    top = sorted(added.items(), key=lambda kv: -abs(kv[1][1]))[:12]
+    RESULTS[f"profile_{key}"] = {"plain_wall_ms": round(pw, 2), "plain_busy_ms": round(pb, 2), "plain_kernels": pn,
+                                 "patched_wall_ms": round(qw, 2), "patched_busy_ms": round(qb, 2),
+                                 "patched_kernels": qn, "added_kernels_top": top}
+    print(f"profile {key}: wall {pw:.2f} -> {qw:.2f} ms (+{qw - pw:.2f}), GPU busy {pb:.2f} -> {qb:.2f} ms "
+          f"(+{qb - pb:.2f}), idle {pw - pb:.2f} -> {qw - qb:.2f} ms, kernels {pn} -> {qn}", flush=True)
+    for name, (dc, dt) in top:
+        print(f"    {dc:+5d} kernels {dt:+8.3f} ms  {name}", flush=True)
+    save()
 
 
 # ---------------------------------------------------------------------------------------------------- earlier parts

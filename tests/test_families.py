@@ -1,6 +1,10 @@
 """Every family, every mode it supports, on its tiny model (`vlhooks.testing`): exactness against the unpatched
 model, strength that moves the output, and bad widths refused with the model left unpatched."""
 
+import ast
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -113,3 +117,11 @@ def test_text_guidance_follows_each_pipelines_convention():
         assert family_named(name).text_guidance({"guidance_scale": 7.0}) == 7.0, name
         assert family_named(name).text_guidance({"guidance_scale": 0.5}) == 1.0, name
     assert family_named("sd3").text_guidance({"num_inference_steps": 4}) is None
+
+
+def test_every_tiny_model_is_known_after_one_family_file_was_imported_alone():
+    """Importing one tiny family file first (as a test module does at collection) registers that one; the
+    registry must still load every other family file when asked."""
+    code = ("import vlhooks.testing.flux2\nfrom vlhooks.testing import names\nprint(sorted(names()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert {"flux", "z_image", "sd3", "qwen_image", "flux2"} <= set(ast.literal_eval(out))

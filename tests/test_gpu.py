@@ -55,6 +55,52 @@ def test_two_pass_kernel_equals_concatenated_attention(B, L, H, D, N, extra_rows
     assert (main_only - ref).abs().max().item() > 50 * err  # the extra keys matter far beyond the error
 
 
+def _biased_reference(q, k, v, ek, ev, bias):
+    """float64 softmax attention of `q` over `[k; ek]` with `bias` `[B, L, N]` on the extra keys only."""
+    B, L = q.shape[0], k.shape[1]
+    k = torch.cat([k, ek.expand(B, -1, -1, -1)], 1).double().transpose(1, 2)
+    v = torch.cat([v, ev.expand(B, -1, -1, -1)], 1).double().transpose(1, 2)
+    logits = q.double().transpose(1, 2) @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, L, L + N]
+    logits[..., L:] += bias.double()[:, None]
+    return (logits.softmax(-1) @ v).transpose(1, 2)
+
+
+def test_two_pass_kernel_with_bias_equals_the_biased_concatenation():
+    """Strengths per row, a padded key and per-query weights of four references (some queries see none of them):
+    the kernel's factored bias against float64 softmax over the concatenation with the dense bias, as close as
+    SDPA on the concatenation with that bias (the path the kernel replaces)."""
+    g = torch.Generator(DEV).manual_seed(0)
+    B, L, H, D, S, n = 2, 1152, 3, 128, 4, 64
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=DEV, dtype=DT)
+
+    q, k, v = rnd(B, L, H, D), rnd(B, L, H, D), rnd(B, L, H, D)
+    ek, ev = rnd(B, S * n, H, D) * 2, rnd(B, S * n, H, D)
+    key_bias = torch.log(torch.tensor([[1.0], [0.5]], device=DEV)).expand(B, S * n).clone()
+    key_bias[:, 3] = float("-inf")  # a padded token
+    key_bias[1, n:2 * n] = float("-inf")  # row 1 does not see reference 1
+    weights = torch.rand(B, L, S, generator=g, device=DEV)
+    weights[weights < 0.3] = 0.0
+    weights[:, :100] = 0.0  # 100 queries that see no extra key
+    query_bias = torch.log(weights)
+    key_segment = torch.arange(S, device=DEV, dtype=torch.int32).repeat_interleave(n)
+    dense = key_bias[:, None, :] + query_bias[..., key_segment.long()]  # [B, L, N]
+    with torch.no_grad():
+        got = fused_attention.joint_attention(q, k, v, ek, ev, key_bias, query_bias, key_segment)
+        bias = torch.cat([torch.zeros(B, L, L, device=DEV), dense], -1)[:, None].to(DT)  # [B, 1, L, L + N]
+        concat = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), torch.cat([k, ek], 1).transpose(1, 2), torch.cat([v, ev], 1).transpose(1, 2),
+            attn_mask=bias).transpose(1, 2)
+    ref = _biased_reference(q, k, v, ek, ev, dense)
+    main_only = _reference(q, k, v, ek[:, :0], ev[:, :0])
+    err, err_concat = (got.double() - ref).abs().max().item(), (concat.double() - ref).abs().max().item()
+    assert torch.isfinite(got).all()
+    assert err <= 2 * err_concat + 1e-3, (err, err_concat)
+    assert (got[:, :100].double() - main_only[:, :100]).abs().max().item() <= 2 * err_concat + 1e-3  # main alone
+    assert (main_only - ref).abs().max().item() > 50 * err
+
+
 def _zimage():
     from diffusers import ZImageTransformer2DModel
 
@@ -91,16 +137,52 @@ def _flux():
     return m, run, 32
 
 
-@pytest.mark.parametrize("build", [_zimage, _flux], ids=["z_image", "flux"])
-def test_processors_take_the_kernel_and_agree_with_the_concatenation(build, monkeypatch):
+def _qwen_image():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    m = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=128,
+                                    num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(16, 56, 56))
+    m = m.to(DEV, DT).eval()
+    g = torch.Generator(DEV).manual_seed(1)
+    hs = torch.randn(1, 1024, 16, generator=g, device=DEV, dtype=DT)  # 32 x 32 image tokens
+    ehs = torch.randn(1, 128, 32, generator=g, device=DEV, dtype=DT)  # 128 + 1024 = 1152 keys
+
+    def run():
+        return m(hidden_states=hs, encoder_hidden_states=ehs, encoder_hidden_states_mask=None,
+                 timestep=torch.full((1,), 0.6, device=DEV, dtype=DT), img_shapes=[[(1, 32, 32)]],
+                 return_dict=False)[0]
+
+    return m, run, 32
+
+
+def _masked_references(width, dtype):
+    """Two references of 256 tokens, one masked to the left half of the 32 x 32 image-token grid at strength 1,
+    the other to the right half at strength 0.5: the biased case (a float logit bias on the concatenation)."""
+    g = torch.Generator(DEV).manual_seed(3)
+    left = torch.zeros(32, 32, dtype=torch.bool, device=DEV)
+    left[:, :16] = True
+    a, b = (torch.randn(1, 256, width, device=DEV, generator=g) for _ in range(2))
+    return [vh.Reference(vh.VLFeatures(a.to(dtype)), mask=left),
+            vh.Reference(vh.VLFeatures(b.to(dtype)), mask=~left, scale=0.5)]
+
+
+def _plain_features(width, dtype):
+    """960 extra tokens at strength 1: enough to change the block clearly (the kernel forced on: `always`)."""
+    tokens = torch.randn(1, 960, width, device=DEV, generator=torch.Generator(DEV).manual_seed(2))
+    return vh.VLFeatures(tokens.to(dtype))
+
+
+@pytest.mark.parametrize("build", [_zimage, _flux, _qwen_image], ids=["z_image", "flux", "qwen_image"])
+@pytest.mark.parametrize("refs,env", [(_plain_features, "always"), (_masked_references, "1")],
+                         ids=["plain", "masked"])
+def test_processors_take_the_kernel_and_agree_with_the_concatenation(build, refs, env, monkeypatch):
     """The first patched block's attention output, bf16 through the kernel and bf16 through the concatenation,
     each against the same block in float32 (where the kernel does not apply): the kernel's path must be as close to
     it as the concatenation's, and far closer than leaving the extra keys out. Later blocks run too (every patched
-    block takes the kernel) but are not compared: there bf16 drift of the whole model masks the attention."""
+    block takes the kernel) but are not compared: there bf16 drift of the whole model masks the attention.
+    `masked`: two references with spatial masks and strengths take the kernel by default (its bias)."""
     model, run, width = build()
-    n = 960  # 1152 + 960 keys: enough extra keys to change the block clearly (the kernel forced on: `always`)
-    tokens = torch.randn(1, n, width, device=DEV, generator=torch.Generator(DEV).manual_seed(2))
-    feats = vh.VLFeatures(tokens.to(DT))
     first = family_for(model).sites(model)[0].attention(model)
     seen = []
     first.register_forward_hook(lambda m, a, out: seen.append(
@@ -112,21 +194,21 @@ def test_processors_take_the_kernel_and_agree_with_the_concatenation(build, monk
     with torch.no_grad():
         plain_out = run()
         monkeypatch.setenv("VLHOOKS_FUSED_ATTENTION", "0")
-        with vh.inject(model, feats, cfg):
+        with vh.inject(model, refs(width, DT), cfg):
             run()
         assert not calls
-        monkeypatch.setenv("VLHOOKS_FUSED_ATTENTION", "always")
-        with vh.inject(model, feats, cfg):
+        monkeypatch.setenv("VLHOOKS_FUSED_ATTENTION", env)
+        with vh.inject(model, refs(width, DT), cfg):
             run()
         assert torch.equal(run(), plain_out)  # removed: the plain model again
         model.float()  # the same weights in float32; cast the inputs through a pre-hook
         model.register_forward_pre_hook(
             lambda m, a, kw: (tuple(_cast(x) for x in a), {k: _cast(v) for k, v in kw.items()}), with_kwargs=True)
         run()
-        with vh.inject(model, vh.VLFeatures(tokens.float()), cfg):
+        with vh.inject(model, refs(width, torch.float32), cfg):
             run()
     plain, concat, fused, _, plain_ref, ref = (x.double() for x in seen)
-    n_blocks = len(vh.list_sites(model)) if build is _flux else 2  # Z-Image: the 2 main layers
+    n_blocks = 2 if build is _zimage else len(vh.list_sites(model))  # Z-Image: the 2 main layers
     assert len(calls) == n_blocks
 
     def rel(a, b):

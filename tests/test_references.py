@@ -3,6 +3,7 @@ averaging, each against an independent reference (the model with one reference a
 formula written here)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -305,3 +306,74 @@ def test_average_of_references_of_different_widths_or_lengths_is_refused():
         vh.apply_injection(model, [vh.Reference(a, mask=torch.ones(4, 4)), vh.Reference(a)],
                            vh.InjectionConfig(combine="average"))
     assert snapshot(model) == before
+
+
+def _two_pass(q, k, v, ek, ev, key_bias, query_bias, key_segment):
+    """float64 model of the two-pass kernel (`fused_attention.joint_attention`): the block's own softmax and its
+    log-sum-exp, the extra keys' with the factored bias, merged by the two log-sum-exps."""
+    q, k, v, ek, ev = (t.double() for t in (q, k, v, ek, ev))
+    s_main = torch.einsum("blhd,bnhd->bhln", q, k) / math.sqrt(q.shape[-1])
+    lse_main = s_main.logsumexp(-1)  # [B, H, L]
+    o_main = torch.einsum("bhln,bnhd->bhld", s_main.softmax(-1), v)
+    s_extra = torch.einsum("blhd,bnhd->bhln", q, ek) / math.sqrt(q.shape[-1])
+    bias = torch.zeros(s_extra.shape[0], 1, s_extra.shape[2], s_extra.shape[3], dtype=torch.float64)
+    if key_bias is not None:
+        bias = bias + key_bias.double()[:, None, None, :]
+    if query_bias is not None:
+        bias = bias + query_bias.double()[:, None][..., key_segment.long()]  # [B, 1, L, N]
+    s_extra = s_extra + bias
+    lse_extra = s_extra.logsumexp(-1)  # -inf where a query sees no extra key
+    o_extra = torch.einsum("bhln,bnhd->bhld", torch.nan_to_num(s_extra.softmax(-1)), ev)
+    w = torch.sigmoid(lse_extra - lse_main)[..., None]
+    return (o_main + w * (o_extra - o_main)).transpose(1, 2)  # [B, L, H, D]
+
+
+def test_the_kernels_factored_bias_equals_the_dense_bias_of_the_concatenation():
+    """`attention.fused_bias` (what the two-pass kernel reads on CUDA): strengths per row and reference, a padded
+    token, and spatial masks of two references over the image queries, with some queries masked out of every
+    reference. Merged as the kernel merges, it equals softmax attention over the concatenated keys with the dense
+    bias written out here from its definition."""
+    from vlhooks.attention import fused_bias
+
+    g = torch.Generator().manual_seed(0)
+    B, L, H, D, n_a, n_b = 2, 9, 2, 4, 3, 2
+    q, k, v = (torch.randn(B, L, H, D, generator=g) for _ in range(3))
+    span, n_img = (3, 6), 6  # three text queries first, then six image queries
+    pad = torch.tensor([[True, True, False], [True, True, True]])
+    mask_a = torch.tensor([[1.0, 1.0, 0.5, 0.0, 0.0, 0.0]] * B)
+    mask_b = torch.tensor([[0.0, 0.0, 0.5, 1.0, 1.0, 0.0]] * B)  # the last image query sees neither
+    seg_a = Segment(0, torch.zeros(B, n_a, 1), None, pad, [2.0, 0.5], mask_a)
+    seg_b = Segment(1, torch.zeros(B, n_b, 1), None, None, [1.0, 0.0], mask_b)  # row 1 does not see b
+    call = _call(q, L, [seg_a, seg_b], span=span)
+    ek, ev = torch.randn(B, n_a + n_b, H, D, generator=g) * 2, torch.randn(B, n_a + n_b, H, D, generator=g)
+    key_bias, query_bias, key_segment = fused_bias(call, L, q.device)
+    assert query_bias.shape == (B, L, 2) and key_segment.tolist() == [0, 0, 0, 1, 1]
+    got = _two_pass(q, k, v, ek, ev, key_bias, query_bias, key_segment)
+
+    dense = torch.zeros(B, L, n_a + n_b, dtype=torch.float64)
+    for r, (sa, sb) in enumerate(zip(seg_a.strength, seg_b.strength)):
+        wa = torch.ones(L, dtype=torch.float64)
+        wb = torch.ones(L, dtype=torch.float64)
+        wa[3:], wb[3:] = mask_a[r].double(), mask_b[r].double()
+        dense[r, :, :n_a] = torch.log(sa * wa)[:, None]
+        dense[r, :, n_a:] = torch.log(sb * wb)[:, None]
+        dense[r, :, :n_a][:, ~pad[r]] = float("-inf")
+    bias = torch.cat([torch.zeros(B, L, L, dtype=torch.float64), dense], dim=2)[:, None]  # [B, 1, L, L + N]
+    want = _softmax_attn(q, torch.cat([k, ek], 1), torch.cat([v, ev], 1), bias)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # the bias is float32, as the kernel reads it
+    own = _softmax_attn(q, k, v)
+    torch.testing.assert_close(got[:, L - 1], own[:, L - 1], rtol=0, atol=1e-12)  # masked out of every reference
+    assert (got[:, :L - 1] - own[:, :L - 1]).abs().max() > 1e-2  # elsewhere the references count
+
+
+def test_the_kernels_factored_bias_is_computed_once_per_forward_call():
+    from vlhooks.attention import fused_bias
+
+    B, L = 1, 4
+    seg = Segment(0, torch.zeros(B, 2, 1), None, None, [0.5], torch.tensor([[1.0, 0.0]]))
+    call = _call(torch.zeros(B, L, 1, 2), L, [seg], span=(2, 2))
+    call.scratch = {}
+    first = fused_bias(call, L, torch.device("cpu"))
+    assert fused_bias(call, L, torch.device("cpu"))[1] is first[1] and len(call.scratch) == 1
+    call.segments = [replace(seg, strength=[0.25])]  # another block's strength: its own entry
+    assert not torch.equal(fused_bias(call, L, torch.device("cpu"))[0], first[0]) and len(call.scratch) == 2

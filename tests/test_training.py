@@ -243,3 +243,25 @@ def test_real_recipe_path_on_a_saved_pipeline_folder(tmp_path, family):
     row = dm.dataset[0]
     assert ("pooled" in row) == (family == "flux")
     assert row["latents"].shape[0] == pipe.vae.config.latent_channels
+
+
+@pytest.mark.parametrize("family,switched", [("flux", True), ("z_image", False)])
+def test_cudnn_attention_is_off_for_a_flux_fit_on_cuda_and_restored_after(family, switched, monkeypatch):
+    """`DiTFamily.cudnn_attention_training`: Flux.1's training step breaks cuDNN's SDPA backward on CUDA, so the
+    module switches that kernel off for the fit and back to what it was on release; other families keep it."""
+    from vlhooks.testing import tiny
+    from vlhooks.train.module import AdapterModule
+
+    t = tiny(family)
+    mod = AdapterModule(dit={"class_name": t.class_name, "config": t.config}, adapter={"type": "projection"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the switch is a flag: no GPU needed to set it
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        mod.training_attention(True)
+        assert torch.backends.cuda.cudnn_sdp_enabled() is (not switched)
+        mod.training_attention(True)  # twice (on_fit_start after a resume): still restored to the first state
+        mod.release()
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

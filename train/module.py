@@ -241,6 +241,7 @@ class AdapterModule(L.LightningModule):
         self.ema: list[torch.Tensor] | None = None
         self.handle: vh.InjectionHandle | None = None
         self.strict_loading = False  # checkpoints hold the adapter only
+        self._cudnn_sdp_before: bool | None = None  # set while `training_attention` has cuDNN's SDPA off
 
     # ------------------------------------------------------------------ lifecycle
     def train(self, mode: bool = True):
@@ -263,6 +264,7 @@ class AdapterModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.handle is None:
             self.handle = vh.apply_injection(self.dit, None, self.injection, adapter=self.adapter)
+        self.training_attention(True)
         # Several processes: every rank runs the same graph every step. A row whose image is dropped (or that is
         # outside the injection window) still computes the extras, at strength 0 (an exact zero contribution),
         # instead of skipping them. Otherwise a rank whose rows all dropped their image skips the extras' embedding
@@ -281,6 +283,19 @@ class AdapterModule(L.LightningModule):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+        self.training_attention(False)
+
+    def training_attention(self, on: bool) -> None:
+        """Switch cuDNN's SDPA kernel off for the fit where the family's training shapes break its backward
+        (`DiTFamily.cudnn_attention_training`), and back to what it was (`on=False`). A process-wide switch:
+        gradient checkpointing recomputes the forward during backward, outside any context a step could open."""
+        if on and not self.family.cudnn_attention_training and torch.cuda.is_available():
+            if self._cudnn_sdp_before is None:
+                self._cudnn_sdp_before = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        elif not on and self._cudnn_sdp_before is not None:
+            torch.backends.cuda.enable_cudnn_sdp(self._cudnn_sdp_before)
+            self._cudnn_sdp_before = None
 
     @contextmanager
     def full_adapter(self, writeback: bool = False):

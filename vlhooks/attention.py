@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
+from . import fused_attention
+
 if TYPE_CHECKING:
     from .models.base import DiTFamily, Site
 
@@ -289,6 +291,59 @@ def query_bias(call: BlockCall, length: int, like: torch.Tensor) -> torch.Tensor
             w = _query_weights(seg.query_mask, call.image_span, length, like)  # [R, Lq]
             parts.append(torch.log(w)[:, :, None].expand(R, length, N))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def fused_bias(call: BlockCall, length: int, device: torch.device
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The extra keys' logit bias in the factored form the two-pass kernel reads (`fused_attention.joint_attention`):
+    `key_bias` `[R, N]` (`extra_bias`: log strength, `-inf` on padding; None when every strength is 1 and nothing is
+    padded), `query_bias` `[R, Lq, S]` (log of each reference's spatial-mask weight per query; None without masks)
+    and `key_segment` `[N]` int32 (the reference of each extra key). `key_bias[r, n] + query_bias[r, i,
+    key_segment[n]]` equals the dense bias `extra_bias + query_bias` of the concatenation. float32, on `device`;
+    computed once per forward call (`call.scratch`) for each set of strengths."""
+    segments = call.all_segments()
+    eager = all(isinstance(s.strength, list) for s in segments)
+    key = ("fused_bias", length, call.image_span, call.kv_scaling,
+           tuple((s.reference, tuple(s.strength)) for s in segments)) if eager else None
+    if key is not None and call.scratch is not None and key in call.scratch:
+        return call.scratch[key]
+    like = torch.empty(0, dtype=torch.float32, device=device)
+    key_bias = None
+    if not (call.strength_is_one() and all(s.key_mask is None for s in segments)):
+        key_bias = extra_bias(call, like)  # [R, N]
+    query_bias, key_segment = None, None
+    if any(s.query_mask is not None for s in segments):
+        R = segments[0].embedded.shape[0]
+        parts = [torch.zeros(R, length, dtype=torch.float32, device=device) if s.query_mask is None
+                 else torch.log(_query_weights(s.query_mask, call.image_span, length, like)) for s in segments]
+        query_bias = torch.stack(parts, dim=2)  # [R, Lq, S]
+        ids = torch.repeat_interleave(torch.arange(len(segments), dtype=torch.int32),
+                                      torch.tensor([s.embedded.shape[1] for s in segments]))
+        key_segment = ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids.to(device)
+    out = (key_bias, query_bias, key_segment)
+    if key is not None and call.scratch is not None:
+        call.scratch[key] = out
+    return out
+
+
+def fused_serves(call: BlockCall, backend, like: torch.Tensor, length: int, base_mask: torch.Tensor | None) -> bool:
+    """Whether the two-pass kernel (`fused_attention`) serves this block: joint mode on every row, no mask of the
+    block's own, and `fused_attention.applies` (CUDA inference, diffusers' default attention backend `backend`
+    None, `length` own keys where two passes pay off). `like` is the block's query or input `[B, L, ...]`."""
+    if call.mode != "joint" or call.rows is not None or base_mask is not None:
+        return False
+    return fused_attention.applies(backend, like, length, call.extra_kv()[0], not call.unbiased())
+
+
+def fused_joint(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    """Joint attention of `q` over the block's own `k, v` and the call's extra K/V, by the two-pass kernel, with
+    strengths, padding and spatial masks as its factored bias (`fused_bias`). `[B, L, H, Dh]` in and out; call only
+    where `fused_serves`."""
+    ek, ev = call.extra_kv()  # [R, N, H, Dh]
+    if call.unbiased():
+        return fused_attention.joint_attention(q, k, v, ek, ev)
+    key_bias, query_bias, key_segment = fused_bias(call, q.shape[1], q.device)
+    return fused_attention.joint_attention(q, k, v, ek, ev, key_bias, query_bias, key_segment)
 
 
 def _base_bias(base_mask: torch.Tensor | None, B: int, L: int, like: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,11 @@ stock kernel at its own key length; the merge
     o = o_main + sigmoid(lse_extra - lse_main) * (o_extra - o_main)
 
 equals softmax attention over the concatenated keys up to rounding (bf16: about one ulp), and the kernel writes it
-in the `[B, L, H, Dh]` layout the block's output projection reads. Used by the family processors for joint mode with
-nothing to gate (every row, strength 1, no masks), eager inference on CUDA, when `pays_off`; everything else, and
-any machine without Triton, takes the concatenation. `VLHOOKS_FUSED_ATTENTION=0` switches it off.
+in the `[B, L, H, Dh]` layout the block's output projection reads. Strengths, padding and spatial masks are a
+logit bias on the extra keys alone, applied inside the extra pass, so the main pass stays on cuDNN without a bias.
+Used by the family processors for joint mode on every row with no mask of the block's own
+(`attention.fused_joint`), eager inference on CUDA, when `pays_off`; everything else, and any machine without
+Triton, takes the concatenation. `VLHOOKS_FUSED_ATTENTION=0` switches it off.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ def _kernel():
         key=["N", "HEAD_DIM"],
     )
     @triton.jit
-    def extra_merge(Q, K, V, O1, LSE1, OUT,
+    def extra_merge(Q, K, V, O1, LSE1, OUT, KB, QW, SEG,
                     sq_b, sq_l, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
                     so_b, so_l, so_h, sl_b, sl_h, sl_l, sout_b, sout_l, sout_h,
+                    skb_b, skb_n, sqw_b, sqw_l, sqw_s,
                     H, L, N, qk_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_KB: tl.constexpr, HAS_QW: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -64,19 +68,30 @@ def _kernel():
             k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=in_n[:, None],
                         other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+            if HAS_KB:  # per row and key: log(strength), -inf on padding (natural log -> log2 units)
+                kb = tl.load(KB + b * skb_b + offs_n * skb_n, mask=in_n, other=0.0)
+                s = s + kb[None, :] * 1.4426950408889634
+            if HAS_QW:  # per query and reference: log of the spatial mask's weight
+                seg = tl.load(SEG + offs_n, mask=in_n, other=0)
+                qw = tl.load(QW + b * sqw_b + offs_m[:, None] * sqw_l + seg[None, :] * sqw_s,
+                             mask=in_m[:, None] & in_n[None, :], other=0.0)
+                s = s + qw * 1.4426950408889634
             s = tl.where(in_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query that sees no extra key yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=in_n[:, None],
                         other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        lse_extra = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log, as the main pass returns it
+        seen = l_i > 0.0  # False where every extra key is masked for this query: the main pass alone
+        l_safe = tl.where(seen, l_i, 1.0)
+        lse_extra = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log, as the main pass returns it
         o_main = o_main.to(tl.float32)
-        w = 1.0 / (1.0 + tl.exp(lse_main - lse_extra))  # the extra keys' share of the softmax mass
-        o = o_main + w[:, None] * (acc / l_i[:, None] - o_main)
+        w = tl.where(seen, 1.0 / (1.0 + tl.exp(lse_main - lse_extra)), 0.0)  # the extra keys' share of the mass
+        o = o_main + w[:, None] * (acc / l_safe[:, None] - o_main)
         tl.store(OUT + b * sout_b + h * sout_h + offs_m[:, None] * sout_l + offs_d[None, :],
                  o.to(OUT.dtype.element_ty), mask=in_m[:, None])
 
@@ -88,11 +103,14 @@ def enabled() -> bool:
     return os.environ.get("VLHOOKS_FUSED_ATTENTION", "1") != "0"
 
 
-def pays_off(length: int, n_extra: int) -> bool:
-    """Whether two passes beat one concatenated call (measured: `benchmarks/micro_attention.py fused`): when the
-    block's own key length is a multiple of 128 and appending would leave it, for up to 128 extra keys (beyond,
-    the kernel's re-reading of the extra K/V per query tile costs more than the cliff)."""
-    if os.environ.get("VLHOOKS_FUSED_ATTENTION") == "always":
+def pays_off(length: int, n_extra: int, biased: bool = False) -> bool:
+    """Whether two passes beat one concatenated call (measured: `benchmarks/micro_attention.py fused`).
+
+    Unbiased: when the block's own key length is a multiple of 128 and appending would leave it, for up to 128
+    extra keys (beyond, the kernel's re-reading of the extra K/V per query tile costs more than the cliff).
+    Biased (strengths, padding, spatial masks): for up to 1024 extra keys, since the concatenation then needs a
+    dense float bias, which moves SDPA off cuDNN onto the memory-efficient kernel (3.6x slower at 4224 keys)."""
+    if os.environ.get("VLHOOKS_FUSED_ATTENTION") == "always" or biased:
         return 0 < n_extra <= 1024
     return 0 < n_extra <= 128 and length % 128 == 0 and (length + n_extra) % 128 != 0
 
@@ -107,10 +125,10 @@ def usable(x: torch.Tensor, extra_k: torch.Tensor) -> bool:
     )
 
 
-def applies(backend, x: torch.Tensor, length: int, extra_k: torch.Tensor) -> bool:
+def applies(backend, x: torch.Tensor, length: int, extra_k: torch.Tensor, biased: bool = False) -> bool:
     """The processors' one test: the block uses diffusers' default attention backend (`backend` None), the kernel
     can serve these tensors (`usable`), and two passes beat appending the extra keys to `length` own keys."""
-    return backend is None and usable(x, extra_k) and pays_off(length, extra_k.shape[1])
+    return backend is None and usable(x, extra_k) and pays_off(length, extra_k.shape[1], biased)
 
 
 def _main_pass(q, k, v):
@@ -123,12 +141,18 @@ def _main_pass(q, k, v):
     return out, lse.reshape(lse.shape[0], lse.shape[1], -1)
 
 
-def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor
-                    ) -> torch.Tensor:
-    """Softmax attention of `q` over `[k; ek]` and `[v; ev]`, as two passes (see the module docstring).
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor,
+                    key_bias: torch.Tensor | None = None, query_bias: torch.Tensor | None = None,
+                    key_segment: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of `q` over `[k; ek]` and `[v; ev]`, as two passes (see the module docstring), with an
+    optional additive logit bias on the extra keys only (natural log; `-inf` excludes a key):
+    `key_bias[b, n] + query_bias[b, i, key_segment[n]]`.
 
-    `q, k, v` `[B, L, H, Dh]` (the block's own), `ek, ev` `[1 or B, N, H, Dh]`. Returns `[B, Lq, H, Dh]`
-    contiguous. Call only where `usable`."""
+    `q, k, v` `[B, L, H, Dh]` (the block's own), `ek, ev` `[1 or B, N, H, Dh]`; `key_bias` `[1 or B, N]` float32
+    (per row: log strength, `-inf` on padding); `query_bias` `[1 or B, L, S]` float32 (per query: log of each of
+    S references' spatial-mask weight) with `key_segment` `[N]` int32 (the reference of each extra key). A query
+    that sees no extra key gets the main pass alone. Returns `[B, Lq, H, Dh]` contiguous. Call only where
+    `usable`."""
     B, Lq, H, D = q.shape
     N = ek.shape[1]
     o1, lse1 = _main_pass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, L, Dh], [B, H, L]
@@ -136,15 +160,23 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch
     q, ek, ev, o1 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, ek, ev, o1))
     sb_k = 0 if ek.shape[0] == 1 else ek.stride(0)  # one set of extras for every row
     sb_v = 0 if ev.shape[0] == 1 else ev.stride(0)
+    has_kb, has_qw = key_bias is not None, query_bias is not None
+    if has_qw and key_segment is None:
+        raise ValueError("query_bias needs key_segment (the reference of each extra key)")
+    kb = key_bias.float().contiguous() if has_kb else q
+    qw = query_bias.float() if has_qw else q
+    seg = key_segment.to(torch.int32).contiguous() if has_qw else q
+    skb = (0 if kb.shape[0] == 1 else kb.stride(0), kb.stride(1)) if has_kb else (0, 0)
+    sqw = (0 if qw.shape[0] == 1 else qw.stride(0), qw.stride(1), qw.stride(2)) if has_qw else (0, 0, 0)
     kernel = _kernel()
 
     def grid(meta):
         return (-(-Lq // meta["BLOCK_M"]), B * H)
 
-    kernel[grid](q, ek, ev, o1, lse1, out,
+    kernel[grid](q, ek, ev, o1, lse1, out, kb, qw, seg,
                  q.stride(0), q.stride(1), q.stride(2), sb_k, ek.stride(1), ek.stride(2),
                  sb_v, ev.stride(1), ev.stride(2),
                  o1.stride(0), o1.stride(2), o1.stride(1), lse1.stride(0), lse1.stride(1), lse1.stride(2),
-                 out.stride(0), out.stride(1), out.stride(2),
-                 H, Lq, N, D ** -0.5 * 1.4426950408889634, HEAD_DIM=D)
+                 out.stride(0), out.stride(1), out.stride(2), *skb, *sqw,
+                 H, Lq, N, D ** -0.5 * 1.4426950408889634, HEAD_DIM=D, HAS_KB=has_kb, HAS_QW=has_qw)
     return out

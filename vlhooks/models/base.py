@@ -73,6 +73,9 @@ class DiTFamily:
     placements: tuple[str, ...] = ("attention",)
     # diffusers pipeline classes whose transformer is of this family
     pipeline_classes: tuple[str, ...] = ()
+    # whether training may use cuDNN's SDPA kernel on CUDA (False where its backward fails on the family's training
+    # shapes: `AdapterModule` then switches that kernel off for the fit; flash / memory-efficient serve instead)
+    cudnn_attention_training: bool = True
 
     # ------------------------------------------------------------------ structure
     def matches(self, transformer: nn.Module) -> bool:

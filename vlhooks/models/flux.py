@@ -31,6 +31,8 @@ from ..attention import (
     attend_with_extras,
     can_write_into,
     decoupled_output,
+    fused_joint,
+    fused_serves,
     joint_buffers,
     linear_into,
     plain_joint,
@@ -127,6 +129,8 @@ class FluxInjectionProcessor(FluxAttnProcessor):
             hidden_states = self._sdpa(query, key, value, None)
         elif not own:
             hidden_states = self._sdpa(query, key, value, attention_mask)  # the block's own, as the base computes it
+        elif fused_serves(call, self._attention_backend, query, key.shape[1], attention_mask):  # biased, 2 passes
+            hidden_states = fused_joint(query, key, value, call)
         else:
             hidden_states = attend_with_extras(query, key, value, attention_mask, call, self._sdpa, seq_dim=1)
         return self._out(attn, hidden_states.flatten(2, 3).to(query.dtype), encoder_hidden_states, pre_rope, call.rows)
@@ -215,6 +219,9 @@ class FluxFamily(DoubleSingleStreamFamily):
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlPipeline",
                         "FluxControlNetPipeline", "FluxFillPipeline", "FluxKontextPipeline", "FluxPriorReduxPipeline")
     fsdp_children = {"double": ("attn", "ff", "ff_context"), "single": ("attn", "proj_mlp", "proj_out")}
+    # cuDNN's SDPA backward fails on Flux.1's training step (512^2, batch 4, checkpointing, torch 2.11 on an H200:
+    # `mha_graph.execute(...).is_good()`, then an illegal memory access; BENCHMARKS.md), the Z-Image step does not
+    cudnn_attention_training = False
 
 
 

@@ -53,8 +53,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 )
 from torch import nn
 
-from .. import fused_attention
-from ..attention import BlockCall, appendable, attend_with_extras
+from ..attention import BlockCall, attend_with_extras, fused_joint, fused_serves
 from ..errors import TargetError
 from .base import DiTFamily, DoubleSingleStreamFamily, PromptEmbeds, arg, register_family, rows_of
 
@@ -132,12 +131,10 @@ class _Extras:
 
     def _attend(self, query, key, value, attention_mask, call: BlockCall) -> torch.Tensor:
         """The block's attention over its own `[B, L, H, Dh]` q, k, v (after qk-norm and RoPE) plus the extras: two
-        passes merged in one kernel where that serves (joint, nothing to gate, CUDA; see `fused_attention`),
+        passes merged in one kernel where that serves (joint on every row, CUDA; see `attention.fused_serves`),
         otherwise `attend_with_extras`."""
-        ek, ev = call.extra_kv()  # [R, N, H, Dh]
-        if (appendable(call, attention_mask)
-                and fused_attention.applies(self._attention_backend, query, key.shape[1], ek)):
-            return fused_attention.joint_attention(query, key, value, ek, ev)
+        if fused_serves(call, self._attention_backend, query, key.shape[1], attention_mask):
+            return fused_joint(query, key, value, call)
         return attend_with_extras(query, key, value, attention_mask, call, self._sdpa, seq_dim=1)
 
 

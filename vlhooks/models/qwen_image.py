@@ -42,7 +42,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 from torch import nn
 
-from ..attention import BlockCall, attend_with_extras
+from ..attention import BlockCall, attend_with_extras, fused_joint, fused_serves
 from ..errors import ConfigError, TargetError
 from .base import DiTFamily, PromptEmbeds, Site, arg, grid_of, register_family, rows_of, true_cfg_guidance
 
@@ -114,7 +114,10 @@ class QwenImageInjectionProcessor(QwenDoubleStreamAttnProcessor2_0):
         key = torch.cat([txt_key, img_key], dim=1)
         value = torch.cat([txt_value, img_value], dim=1)
 
-        out = attend_with_extras(query, key, value, mask, call, self._sdpa, seq_dim=1)
+        if fused_serves(call, self._attention_backend, query, key.shape[1], mask):  # two passes (fused_attention)
+            out = fused_joint(query, key, value, call)
+        else:
+            out = attend_with_extras(query, key, value, mask, call, self._sdpa, seq_dim=1)
         out = out.flatten(2, 3).to(query.dtype)  # [B, L, H * Dh]
         txt_out, img_out = out[:, :seq_txt, :], out[:, seq_txt:, :]
         img_out = attn.to_out[0](img_out.contiguous())

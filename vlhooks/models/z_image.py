@@ -19,8 +19,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 from torch import nn
 
-from .. import fused_attention
-from ..attention import BlockCall, attend_with_extras, can_write_into, joint_buffers, linear_into, plain_joint
+from ..attention import (BlockCall, attend_with_extras, can_write_into, fused_joint, fused_serves, joint_buffers,
+                         linear_into, plain_joint)
 from ..errors import TargetError
 from .base import DiTFamily, PromptEmbeds, Site, arg, register_family, rows_of
 
@@ -58,14 +58,14 @@ class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
         if call is None:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
 
-        ek, ev = call.extra_kv()  # [R, N, H, Dh]
         L = hidden_states.shape[1]
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # [B, L, H, Dh]
         key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-        # joint with nothing to gate: two passes merged in one kernel on CUDA where that pays (see
-        # fused_attention); otherwise the block writes its own K/V straight into [1, L + N] buffers (no concat)
-        plain = plain_joint(call, hidden_states.shape[0], attention_mask) and freqs_cis is not None
-        fused = plain and fused_attention.applies(self._attention_backend, query, L, ek)
+        # joint on every row: two passes merged in one kernel on CUDA where that pays (strengths and spatial masks
+        # as its bias; see attention.fused_serves); otherwise, with nothing to gate, the block writes its own K/V
+        # straight into [1, L + N] buffers (no concat)
+        fused = freqs_cis is not None and fused_serves(call, self._attention_backend, query, L, attention_mask)
+        plain = not fused and plain_joint(call, hidden_states.shape[0], attention_mask) and freqs_cis is not None
         bufs = None
         if plain and not fused and can_write_into(attn.to_v, hidden_states):
             bufs = joint_buffers(key, L, call)
@@ -89,7 +89,7 @@ class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
             )
 
         if fused:
-            out = fused_attention.joint_attention(query, key, value, ek, ev)  # [B, L, H, Dh]
+            out = fused_joint(query, key, value, call)  # [B, L, H, Dh]
         elif bufs:
             out = sdpa(query, bufs[0], bufs[1], None)  # = attend_with_extras' concatenation, without the copies
         else:

@@ -49,6 +49,7 @@ class TinyDiT:
 
 
 _TINY: dict[str, TinyDiT] = {}
+_LOADED = False  # every family file imported (one imported on its own registers only itself)
 
 
 def register_tiny(tiny: TinyDiT) -> TinyDiT:
@@ -58,11 +59,13 @@ def register_tiny(tiny: TinyDiT) -> TinyDiT:
 
 def _all() -> dict[str, TinyDiT]:
     """Every tiny model: each family file of this package registers its own on import."""
-    if not _TINY:
+    global _LOADED
+    if not _LOADED:
         import pkgutil
 
         for m in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "parts"):
             importlib.import_module(f".{m}", __name__)
+        _LOADED = True
     return _TINY
 
 
