@@ -65,10 +65,12 @@ def _biased_reference(q, k, v, ek, ev, bias):
     return (logits.softmax(-1) @ v).transpose(1, 2)
 
 
-def test_two_pass_kernel_with_bias_equals_the_biased_concatenation():
+@pytest.mark.parametrize("layout", ["scattered", "regions"])
+def test_two_pass_kernel_with_bias_equals_the_biased_concatenation(layout):
     """Strengths per row, a padded key and per-query weights of four references (some queries see none of them):
     the kernel's factored bias against float64 softmax over the concatenation with the dense bias, as close as
-    SDPA on the concatenation with that bias (the path the kernel replaces)."""
+    SDPA on the concatenation with that bias (the path the kernel replaces). `regions`: each stretch of queries sees
+    one reference (as spatial masks give), so the kernel skips the other references' key tiles."""
     g = torch.Generator(DEV).manual_seed(0)
     B, L, H, D, S, n = 2, 1152, 3, 128, 4, 64
 
@@ -82,6 +84,9 @@ def test_two_pass_kernel_with_bias_equals_the_biased_concatenation():
     key_bias[1, n:2 * n] = float("-inf")  # row 1 does not see reference 1
     weights = torch.rand(B, L, S, generator=g, device=DEV)
     weights[weights < 0.3] = 0.0
+    if layout == "regions":  # queries 100-399 see reference 0, 400-799 reference 2, the rest reference 3
+        weights.zero_()
+        weights[:, 100:400, 0], weights[:, 400:800, 2], weights[:, 800:, 3] = 1.0, 0.6, 1.0
     weights[:, :100] = 0.0  # 100 queries that see no extra key
     query_bias = torch.log(weights)
     key_segment = torch.arange(S, device=DEV, dtype=torch.int32).repeat_interleave(n)

@@ -377,3 +377,47 @@ def test_the_kernels_factored_bias_is_computed_once_per_forward_call():
     assert fused_bias(call, L, torch.device("cpu"))[1] is first[1] and len(call.scratch) == 1
     call.segments = [replace(seg, strength=[0.25])]  # another block's strength: its own entry
     assert not torch.equal(fused_bias(call, L, torch.device("cpu"))[0], first[0]) and len(call.scratch) == 2
+
+
+@pytest.mark.parametrize("family", ["z_image", "flux", "sd3", "pixart", "sana", "chroma"])
+@pytest.mark.parametrize("adapter", [None, "kv", "lora"])
+def test_several_references_in_one_text_path_call_equal_one_call_per_reference(family, adapter, monkeypatch):
+    """`BlockCall.batched`: where the family allows it, three references (different token counts, strengths,
+    one with padding) go through the block's text path in one call per block; the output equals the same patch
+    with one text-path call per reference (`batched_segments` off), and Z-Image's extra tokens keep their
+    per-reference positions (RoPE restarts at each reference)."""
+    from vlhooks.models import family_for
+
+    model = build(family)
+    kw = inputs(family)
+    width = caption_width(family)
+    g = torch.Generator().manual_seed(5)
+    pad = torch.ones(1, 6, dtype=torch.bool)
+    pad[0, 4:] = False
+    refs = [vh.Reference(vh.VLFeatures(torch.randn(1, 3, width, generator=g))),
+            vh.Reference(vh.VLFeatures(torch.randn(1, 6, width, generator=g), mask=pad), scale=0.6),
+            vh.Reference(vh.VLFeatures(torch.randn(1, 5, width, generator=g)), scale=1.7)]
+    ad = None
+    if adapter is not None:
+        ad = vh.create_adapter(adapter, model, feature_width=width)
+        with torch.no_grad():  # away from zero-shot, so the adapter's own weights are exercised
+            for p in ad.trainable_parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    fam = type(family_for(model))
+    assert fam.batched_segments
+    calls = []
+    real = fam.finish_kv
+    monkeypatch.setattr(fam, "finish_kv", lambda self, call, k, v: calls.append(call.segment_lengths) or
+                        real(self, call, k, v))
+    with torch.no_grad():
+        plain = output(model, kw)
+        with vh.inject(model, refs, vh.InjectionConfig(blocks="all"), adapter=ad):
+            batched = output(model, kw)
+        n_batched = len(calls)
+        assert n_batched and all(c == (3, 6, 5) for c in calls)
+        monkeypatch.setattr(fam, "batched_segments", False)
+        with vh.inject(model, refs, vh.InjectionConfig(blocks="all"), adapter=ad):
+            separate = output(model, kw)
+    assert len(calls) - n_batched == 3 * n_batched  # one call per reference and block without batching
+    torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-6)
+    assert (batched - plain).abs().max() > 1e-3

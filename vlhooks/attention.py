@@ -83,19 +83,55 @@ class BlockCall:
     block_output: tuple[torch.Tensor, list[int] | None] | None = None  # (added [R, L_img, D], rows)
     k: torch.Tensor | None = None  # [R, N, H, Dh], every segment's, concatenated
     v: torch.Tensor | None = None  # [R, N, H, Dh]
+    # set on a call whose tokens are several references' concatenated (`batched`): each one's token count, so that
+    # a family's extra-token positions restart per reference (`DiTFamily.batched_segments`)
+    segment_lengths: tuple[int, ...] | None = None
 
     def for_segment(self, segment: Segment) -> "BlockCall":
         """This call with `segment`'s tokens as the ones to project (for the projector's `kv`)."""
         return replace(self, embedded=segment.embedded, pre_normed=segment.pre_normed, key_mask=segment.key_mask,
                        strength=segment.strength, segments=[segment], k=None, v=None)
 
+    def batched(self, segments: list[Segment]) -> "BlockCall | None":
+        """One call over every segment's tokens, concatenated `[R, sum N_s, D]`, where the projector maps tokens one
+        by one (`tokenwise`) and the family restarts the extra tokens' positions per reference
+        (`DiTFamily.batched_segments`): one text path per block instead of one per reference (fewer, larger GEMMs
+        and far less host time). None where that does not hold."""
+        if not (getattr(self.projector, "tokenwise", False) and getattr(self.family, "batched_segments", False)):
+            return None
+        rows = {s.embedded.shape[0] for s in segments}
+        pre = [s.pre_normed is None for s in segments]
+        if len(rows) != 1 or len({s.embedded.dtype for s in segments}) != 1 or len(set(pre)) != 1:
+            return None
+        embedded = torch.cat([s.embedded for s in segments], dim=1)  # [R, sum N_s, D]
+        pre_normed = None if pre[0] else torch.cat([s.pre_normed for s in segments], dim=1)
+        key_mask = None
+        if any(s.key_mask is not None for s in segments):
+            key_mask = torch.cat([s.key_mask if s.key_mask is not None else
+                                  torch.ones(s.embedded.shape[:2], dtype=torch.bool, device=s.embedded.device)
+                                  for s in segments], dim=1)
+        first = segments[0]
+        return replace(self, embedded=embedded, pre_normed=pre_normed, key_mask=key_mask, strength=first.strength,
+                       segments=[Segment(first.reference, embedded, pre_normed, key_mask, first.strength)],
+                       segment_lengths=tuple(s.embedded.shape[1] for s in segments), k=None, v=None)
+
     def extra_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The extra K/V `[R, N, H, Dh]` of every segment, concatenated, computed once (by the projector) on
         first use, with the strength applied to them where `kv_scaling` says so."""
         if self.k is None:
             segments = self.segments or [Segment(0, self.embedded, self.pre_normed, self.key_mask, self.strength)]
-            parts = [self.projector.kv(self)] if len(segments) == 1 else \
-                [self.projector.kv(self.for_segment(s)) for s in segments]
+            merged = self.batched(segments) if len(segments) > 1 else None
+            if merged is not None:
+                k, v = self.projector.kv(merged)  # [R, sum N_s, H, Dh]
+                sizes = list(merged.segment_lengths)
+                parts = list(zip(k.split(sizes, dim=1), v.split(sizes, dim=1)))
+                if self.kv_scaling == "kv":
+                    self.k, self.v = k, v
+                    return self.k, self.v
+            elif len(segments) == 1:
+                parts = [self.projector.kv(self)]
+            else:
+                parts = [self.projector.kv(self.for_segment(s)) for s in segments]
             if self.kv_scaling != "kv":
                 parts = [scale_kv(k, v, s.strength, self.kv_scaling) for (k, v), s in zip(parts, segments)]
             if len(parts) == 1:

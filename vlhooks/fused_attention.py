@@ -35,9 +35,10 @@ def _kernel():
         return None
 
     @triton.autotune(
-        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=w, num_stages=2)
-                 for m, w in ((64, 4), (64, 8), (128, 8), (32, 4), (128, 4), (32, 2))],
-        key=["N", "HEAD_DIM"],
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2)
+                 for m, n, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8), (32, 64, 4), (128, 64, 4), (32, 64, 2),
+                                 (64, 128, 4), (128, 128, 8))],
+        key=["N", "HEAD_DIM", "HAS_KB", "HAS_QW"],
     )
     @triton.jit
     def extra_merge(Q, K, V, O1, LSE1, OUT, KB, QW, SEG,
@@ -65,27 +66,34 @@ def _kernel():
         for start in range(0, N, BLOCK_N):  # online softmax over the extra keys, in log2 units
             offs_n = start + tl.arange(0, BLOCK_N)
             in_n = offs_n < N
-            k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=in_n[:, None],
-                        other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
-            if HAS_KB:  # per row and key: log(strength), -inf on padding (natural log -> log2 units)
-                kb = tl.load(KB + b * skb_b + offs_n * skb_n, mask=in_n, other=0.0)
-                s = s + kb[None, :] * 1.4426950408889634
-            if HAS_QW:  # per query and reference: log of the spatial mask's weight
-                seg = tl.load(SEG + offs_n, mask=in_n, other=0)
-                qw = tl.load(QW + b * sqw_b + offs_m[:, None] * sqw_l + seg[None, :] * sqw_s,
-                             mask=in_m[:, None] & in_n[None, :], other=0.0)
-                s = s + qw * 1.4426950408889634
-            s = tl.where(in_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query that sees no extra key yet
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=in_n[:, None],
-                        other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            if HAS_KB or HAS_QW:
+                bias = tl.where(in_n[None, :], tl.zeros([BLOCK_M, BLOCK_N], tl.float32), float("-inf"))
+                if HAS_KB:  # per row and key: log(strength), -inf on padding (natural log -> log2 units)
+                    kb = tl.load(KB + b * skb_b + offs_n * skb_n, mask=in_n, other=0.0)
+                    bias = bias + kb[None, :] * 1.4426950408889634
+                if HAS_QW:  # per query and reference: log of the spatial mask's weight
+                    seg = tl.load(SEG + offs_n, mask=in_n, other=0)
+                    qw = tl.load(QW + b * sqw_b + offs_m[:, None] * sqw_l + seg[None, :] * sqw_s,
+                                 mask=in_m[:, None] & in_n[None, :], other=0.0)
+                    bias = bias + qw * 1.4426950408889634
+                # a tile no query here sees (another reference's keys under spatial masks, a row at strength 0)
+                live = tl.max(tl.max(bias, 1), 0) > float("-inf")
+            else:
+                bias = tl.where(in_n, 0.0, float("-inf"))[None, :]  # [1, BLOCK_N]
+                live = start < N
+            if live:
+                k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=in_n[:, None],
+                            other=0.0)
+                s = tl.dot(q, tl.trans(k)) * qk_scale + bias  # [BLOCK_M, BLOCK_N]
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query that sees no extra key yet
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=in_n[:, None],
+                            other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
         seen = l_i > 0.0  # False where every extra key is masked for this query: the main pass alone
         l_safe = tl.where(seen, l_i, 1.0)
         lse_extra = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log, as the main pass returns it

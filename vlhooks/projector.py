@@ -27,6 +27,8 @@ class Projector(Protocol):
     the identity). Without it the block's own `norm_q` / `norm_k` serve (an SD3 IP-Adapter brings its own).
     `text_path: bool` (default True): False for a projector whose `kv` never runs the block's text path (an
     IP-Adapter's own K/V projections), so the injector computes no pre-norm for it (`call.pre_normed` is None).
+    `tokenwise: bool` (default False): True where `kv` maps each extra token on its own, so several references'
+    tokens may be projected in one call (`BlockCall.batched`).
     The extra K/V themselves always come from `kv(call)`."""
 
     def feature_width(self, family: "DiTFamily", transformer: nn.Module) -> int:
@@ -48,6 +50,8 @@ class Projector(Protocol):
 
 class ZeroShotProjector:
     """Extra K/V from the block's own text-side computation. Stateless; holds no weights."""
+
+    tokenwise = True
 
     def feature_width(self, family: "DiTFamily", transformer: nn.Module) -> int:
         return family.caption_width(transformer)

@@ -154,6 +154,7 @@ class Adapter(nn.Module):
 
     adapter_type: ClassVar[str] = "base"
     options_class: ClassVar[type[Options]] = Options
+    tokenwise: ClassVar[bool] = True  # `kv` maps each extra token on its own (the block's text path, per token)
 
     def __init__(self, config: AdapterConfig):
         super().__init__()

@@ -173,6 +173,7 @@ class IPAdapter(Adapter):
 
     options_class = IPAdapterOptions
     text_path = False  # its K/V come from its own projections, never the block's text path
+    tokenwise = False  # the SD3.5 layout resamples the image tokens together
 
     def __init__(self, config: AdapterConfig):
         super().__init__(config)

@@ -73,6 +73,10 @@ class DiTFamily:
     placements: tuple[str, ...] = ("attention",)
     # diffusers pipeline classes whose transformer is of this family
     pipeline_classes: tuple[str, ...] = ()
+    # whether several references' extra tokens may go through one text-path call (`BlockCall.batched`): the text
+    # path maps tokens one by one, and the extra tokens' positions (RoPE) are either absent or restart per reference
+    # (`finish_kv` reads `BlockCall.segment_lengths`)
+    batched_segments: bool = False
     # whether training may use cuDNN's SDPA kernel on CUDA (False where its backward fails on the family's training
     # shapes: `AdapterModule` then switches that kernel off for the fit; flash / memory-efficient serve instead)
     cudnn_attention_training: bool = True

@@ -139,6 +139,7 @@ def _as_bias(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class ChromaFamily(DoubleSingleStreamFamily):
     name = "chroma"
+    batched_segments = True  # several references' tokens share one text-path call (no positions on extras)
     title = "Chroma"
     transformer_classes = ("ChromaTransformer2DModel",)
     # Separate conditional / unconditional calls, with no cache_context: nothing marks the unconditional one.

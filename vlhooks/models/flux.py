@@ -212,6 +212,7 @@ def _with_identity_rows(rope, n: int, call):
 
 class FluxFamily(DoubleSingleStreamFamily):
     name = "flux"
+    batched_segments = True  # several references' tokens share one text-path call (no positions on extras)
     title = "Flux.1"
     transformer_classes = ("FluxTransformer2DModel",)
     batched_guidance = None  # separate cond / uncond calls, marked by cache_context

@@ -179,6 +179,7 @@ class PixArtInjectionProcessor(AttnProcessor2_0):
 
 class PixArtFamily(DiTFamily):
     name = "pixart"
+    batched_segments = True  # several references' tokens share one text-path call (no positions on extras)
     title = "PixArt-α / Σ"
     transformer_classes = ("PixArtTransformer2DModel",)
     batched_guidance = "uncond_first"  # torch.cat([negative_prompt_embeds, prompt_embeds])

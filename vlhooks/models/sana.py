@@ -99,6 +99,7 @@ class SanaInjectionProcessor(SanaAttnProcessor2_0):
 
 class SanaFamily(DiTFamily):
     name = "sana"
+    batched_segments = True  # several references' tokens share one text-path call (no positions on extras)
     title = "Sana"
     transformer_classes = ("SanaTransformer2DModel",)
     batched_guidance = "uncond_first"  # torch.cat([negative_prompt_embeds, prompt_embeds])

@@ -124,6 +124,7 @@ def _image_joint(attn, q, k, v, call: BlockCall, sdpa) -> torch.Tensor:
 
 class SD3Family(DiTFamily):
     name = "sd3"
+    batched_segments = True  # several references' tokens share one text-path call (no positions on extras)
     title = "SD3 / SD3.5"
     transformer_classes = ("SD3Transformer2DModel",)
     batched_guidance = "uncond_first"  # StableDiffusion3Pipeline: cat([negative, positive])

@@ -103,6 +103,7 @@ class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
 
 class ZImageFamily(DiTFamily):
     name = "z_image"
+    batched_segments = True  # several references' tokens share one text-path call (positions restart: finish_kv)
     title = "Z-Image"
     transformer_classes = ("ZImageTransformer2DModel",)
     batched_guidance = "cond_first"  # ZImagePipeline: prompt_embeds + negative_prompt_embeds
@@ -216,8 +217,12 @@ class ZImageFamily(DiTFamily):
         v = v.unflatten(-1, (attn.heads, -1))
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        freqs = self._extra_freqs(call.transformer, k.shape[1], k.device, call.cache)[None]  # [1, N, Dh/2]
-        return _rope(k, freqs), v
+        lengths = call.segment_lengths or (k.shape[1],)  # one reference, or several concatenated (`batched`)
+        key = ("z_image.freqs.segments", lengths, str(k.device))
+        if key not in call.cache:  # each reference's tokens at positions 1..N_s, as when projected alone
+            call.cache[key] = torch.cat([self._extra_freqs(call.transformer, n, k.device, call.cache)
+                                         for n in lengths])
+        return _rope(k, call.cache[key][None]), v  # freqs [1, N, Dh/2]
 
     def velocity(self, transformer, latents, sigma, caption, caption_mask=None, pooled=None):
         # t = 1 - sigma (1 = clean); the model predicts x0 - noise, so the velocity is its negation
