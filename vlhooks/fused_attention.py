@@ -39,6 +39,9 @@ def _kernel():
                  for m, n, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8), (32, 64, 4), (128, 64, 4), (32, 64, 2),
                                  (64, 128, 4), (128, 128, 8))],
         key=["N", "HEAD_DIM", "HAS_KB", "HAS_QW"],
+        # key tiles of 128 only where there are more than 64 extra keys (else half of every tile is padding)
+        prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
+            c for c in configs if c.kwargs["BLOCK_N"] <= max(64, nargs["N"])]},
     )
     @triton.jit
     def extra_merge(Q, K, V, O1, LSE1, OUT, KB, QW, SEG,
