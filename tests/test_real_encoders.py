@@ -7,7 +7,9 @@ efficientnet-lite-pytorch==0.1.0` and `pip install onnx`.
 
 from __future__ import annotations
 
+import json
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +240,19 @@ def test_training_wrappers(cache):
     assert tokens.shape == (2, max(lengths), 384) and mask.sum(1).tolist() == lengths
     with pytest.raises(ValueError, match="caption encoder"):
         E.training_image_encoder("minilm")
+
+
+def test_the_feature_probe_reads_the_class_from_the_shipped_encoder_and_keeps_earlier_results(tmp_path):
+    """`python -m vlhooks.eval.feature_probe` on 200 digits of each set: the probes read the class far above chance
+    (0.1) from the real DINOv2-S features of held-out digits, and a second run writes beside the first."""
+    from vlhooks.eval.feature_probe import PROBES, format_probe, run_probe
+
+    first = run_probe([56], out=str(tmp_path), limit=200)
+    acc = first["sizes"]["56"]["probes"]
+    assert set(acc) == set(PROBES) and first["sizes"]["56"]["tokens"] == 17
+    assert acc["logistic, all tokens"]["heldout"] > 0.6, acc
+    assert all(0.0 <= a[s] <= 1.0 for a in acc.values() for s in ("heldout", "uci"))
+    assert "| 56 | 17 | logistic, all tokens |" in format_probe(first)
+    second = run_probe([56], out=str(tmp_path), limit=20)
+    assert second["written"] != first["written"]
+    assert json.loads(Path(first["written"]).read_text())["counts"]["train"] == 200

@@ -379,13 +379,14 @@ def test_the_kernels_factored_bias_is_computed_once_per_forward_call():
     assert not torch.equal(fused_bias(call, L, torch.device("cpu"))[0], first[0]) and len(call.scratch) == 2
 
 
-@pytest.mark.parametrize("family", ["z_image", "flux", "sd3", "pixart", "sana", "chroma"])
+@pytest.mark.parametrize("family", ["z_image", "flux", "sd3", "pixart", "sana", "chroma", "qwen_image", "flux2",
+                                    "lumina2"])
 @pytest.mark.parametrize("adapter", [None, "kv", "lora"])
 def test_several_references_in_one_text_path_call_equal_one_call_per_reference(family, adapter, monkeypatch):
     """`BlockCall.batched`: where the family allows it, three references (different token counts, strengths,
     one with padding) go through the block's text path in one call per block; the output equals the same patch
-    with one text-path call per reference (`batched_segments` off), and Z-Image's extra tokens keep their
-    per-reference positions (RoPE restarts at each reference)."""
+    with one text-path call per reference (`batched_segments` off), and the extra tokens of the families with RoPE
+    on them (Z-Image, Qwen-Image, Flux.2, Lumina 2) keep their per-reference positions."""
     from vlhooks.models import family_for
 
     model = build(family)

@@ -55,6 +55,24 @@ def arg(args: tuple, kwargs: dict, name: str, position: int, default: Any = None
     return default
 
 
+def per_reference(call: "BlockCall", n: int, make, dim: int = 0, key: Hashable | None = None):
+    """The extra tokens' positional table (RoPE) for a call: `make(n)` for `n` tokens; for a call over several
+    references' concatenated tokens (`call.segment_lengths`, see `BlockCall.batched`), each reference's own table
+    `make(n_s)` (its positions start over), concatenated along `dim` (tensors or tuples of tensors). With `key`,
+    the concatenation is cached in `call.cache`."""
+    lengths = call.segment_lengths
+    if not lengths or len(lengths) == 1:
+        return make(n)
+    cache_key = None if key is None or torch.compiler.is_compiling() else ("per_reference", key, tuple(lengths))
+    if cache_key is not None and cache_key in call.cache:
+        return call.cache[cache_key]
+    parts = [make(m) for m in lengths]
+    out = tuple(torch.cat(p, dim) for p in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts, dim)
+    if cache_key is not None:
+        call.cache[cache_key] = out
+    return out
+
+
 class DiTFamily:
     """Per-architecture facts. Subclasses set the class attributes and implement the methods."""
 

@@ -55,7 +55,7 @@ from torch import nn
 
 from ..attention import BlockCall, attend_with_extras, fused_joint, fused_serves
 from ..errors import TargetError
-from .base import DiTFamily, DoubleSingleStreamFamily, PromptEmbeds, arg, register_family, rows_of
+from .base import DiTFamily, DoubleSingleStreamFamily, PromptEmbeds, arg, per_reference, register_family, rows_of
 
 GUIDANCE = 4.0  # Flux2Pipeline's default guidance_scale (the embedded guidance of FLUX.2-dev), for `velocity`
 
@@ -246,6 +246,7 @@ class Flux2SingleInjectionProcessor(_Extras, Flux2ParallelSelfAttnProcessor):
 
 class Flux2Family(DoubleSingleStreamFamily):
     name = "flux2"
+    batched_segments = True  # several references' tokens share one text-path call (positions: per_reference)
     title = "Flux.2"
     transformer_classes = ("Flux2Transformer2DModel",)
     batched_guidance = None  # dev: one (guidance-distilled) call; Klein: separate cond / uncond calls, cache_context
@@ -359,7 +360,8 @@ class Flux2Family(DoubleSingleStreamFamily):
         k = k.unflatten(-1, (-1, attn.head_dim))  # [R, N, H, Dh]
         v = v.unflatten(-1, (-1, attn.head_dim))
         k = attn.norm_added_k(k) if call.site.kind == "double" else attn.norm_k(k)
-        rope = self._extra_rope(call.transformer, k.shape[1], k.device, call.cache)
+        rope = per_reference(call, k.shape[1], lambda n: self._extra_rope(call.transformer, n, k.device, call.cache),
+                             key=("flux2.rope", str(k.device)))  # (cos, sin) [N, Dh], positions per reference
         return apply_rotary_emb(k, rope, sequence_dim=1), v
 
     # ------------------------------------------------------------------ training objective

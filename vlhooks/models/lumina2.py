@@ -41,7 +41,7 @@ from torch import nn
 
 from ..attention import BlockCall, attend_with_extras
 from ..errors import ConfigError
-from .base import DiTFamily, PromptEmbeds, Site, arg, register_family, rows_of
+from .base import DiTFamily, PromptEmbeds, Site, arg, per_reference, register_family, rows_of
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -116,6 +116,7 @@ class Lumina2InjectionProcessor(Lumina2AttnProcessor2_0):
 
 class Lumina2Family(DiTFamily):
     name = "lumina2"
+    batched_segments = True  # several references' tokens share one text-path call (positions: per_reference)
     title = "Lumina 2"
     transformer_classes = ("Lumina2Transformer2DModel",)
     # Lumina2Pipeline calls the transformer separately for cond and uncond (no batching) and without
@@ -253,8 +254,9 @@ class Lumina2Family(DiTFamily):
         dtype = k.dtype
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        k = apply_rotary_emb(k, self._extra_freqs(call.transformer, k.shape[1], k.device, call.cache),
-                             use_real=False).to(dtype)
+        freqs = per_reference(call, k.shape[1], lambda n: self._extra_freqs(call.transformer, n, k.device, call.cache),
+                              dim=1, key=("lumina2.freqs", str(k.device)))  # [1, N, Dh/2], positions per reference
+        k = apply_rotary_emb(k, freqs, use_real=False).to(dtype)
         n_rep = attn.heads // k.shape[2]
         return repeat_kv(k, n_rep), repeat_kv(v, n_rep)
 

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..attention import BlockCall, attend_with_extras, fused_joint, fused_serves
 from ..errors import ConfigError, TargetError
-from .base import DiTFamily, PromptEmbeds, Site, arg, grid_of, register_family, rows_of, true_cfg_guidance
+from .base import DiTFamily, PromptEmbeds, Site, arg, grid_of, per_reference, register_family, rows_of, true_cfg_guidance
 
 
 class QwenImageInjectionProcessor(QwenDoubleStreamAttnProcessor2_0):
@@ -133,6 +133,7 @@ class QwenImageInjectionProcessor(QwenDoubleStreamAttnProcessor2_0):
 
 class QwenImageFamily(DiTFamily):
     name = "qwen_image"
+    batched_segments = True  # several references' tokens share one text-path call (positions: per_reference)
     title = "Qwen-Image"
     transformer_classes = ("QwenImageTransformer2DModel",)
     batched_guidance = None  # separate cond / uncond calls, marked by cache_context
@@ -226,7 +227,7 @@ class QwenImageFamily(DiTFamily):
         v = v.unflatten(-1, (-1, head_dim))
         if attn.norm_added_k is not None:
             k = attn.norm_added_k(k)
-        freqs = self._extra_freqs(call, k.shape[1])
+        freqs = per_reference(call, k.shape[1], lambda n: self._extra_freqs(call, n))  # [N, Dh/2] or None
         if freqs is not None:
             k = apply_rotary_emb_qwen(k, freqs, use_real=False)
         return k, v

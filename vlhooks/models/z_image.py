@@ -22,7 +22,7 @@ from torch import nn
 from ..attention import (BlockCall, attend_with_extras, can_write_into, fused_joint, fused_serves, joint_buffers,
                          linear_into, plain_joint)
 from ..errors import TargetError
-from .base import DiTFamily, PromptEmbeds, Site, arg, register_family, rows_of
+from .base import DiTFamily, PromptEmbeds, Site, arg, per_reference, register_family, rows_of
 
 
 def _rope(x: torch.Tensor, freqs_cis: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,7 +103,7 @@ class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
 
 class ZImageFamily(DiTFamily):
     name = "z_image"
-    batched_segments = True  # several references' tokens share one text-path call (positions restart: finish_kv)
+    batched_segments = True  # several references' tokens share one text-path call (positions: per_reference)
     title = "Z-Image"
     transformer_classes = ("ZImageTransformer2DModel",)
     batched_guidance = "cond_first"  # ZImagePipeline: prompt_embeds + negative_prompt_embeds
@@ -217,12 +217,10 @@ class ZImageFamily(DiTFamily):
         v = v.unflatten(-1, (attn.heads, -1))
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        lengths = call.segment_lengths or (k.shape[1],)  # one reference, or several concatenated (`batched`)
-        key = ("z_image.freqs.segments", lengths, str(k.device))
-        if key not in call.cache:  # each reference's tokens at positions 1..N_s, as when projected alone
-            call.cache[key] = torch.cat([self._extra_freqs(call.transformer, n, k.device, call.cache)
-                                         for n in lengths])
-        return _rope(k, call.cache[key][None]), v  # freqs [1, N, Dh/2]
+        # each reference's tokens at positions 1..N_s, also when several go through one call (`batched`)
+        freqs = per_reference(call, k.shape[1], lambda n: self._extra_freqs(call.transformer, n, k.device, call.cache),
+                              key=("z_image.freqs", str(k.device)))
+        return _rope(k, freqs[None]), v  # freqs [1, N, Dh/2]
 
     def velocity(self, transformer, latents, sigma, caption, caption_mask=None, pooled=None):
         # t = 1 - sigma (1 = clean); the model predicts x0 - noise, so the velocity is its negation

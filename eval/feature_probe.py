@@ -1,0 +1,122 @@
+"""What the reference features themselves say about the class: the first bound on an adapter's class match.
+
+Encodes the 4000 training digits, the 1000 held-out digits and the 1797 UCI digits (`references.sklearn_digits`)
+with the embedded default's image encoder (DINOv2-S, CLS + patch tokens) at each resolution asked for, and fits
+probes on the training split: a logistic regression on all tokens flattened, on CLS + the mean patch token and on
+CLS alone, and a one-hidden-layer MLP on all tokens (standardised). An adapter that read the class perfectly from
+these features could not do better than the best probe on each set (times the DiT's text-conditional ceiling).
+
+    python -m vlhooks.eval.feature_probe [--sizes 56 112] [--out outputs/feature_probe] [--limit N]
+
+Writes `probe.json` (accuracy per size, probe and set; encode seconds per image) and prints a table. About 1 min at
+56 px and 3 min at 112 px on one core (224 px: ~12 min); `--limit` keeps N digits of each set (a quick check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROBES = ("logistic, all tokens", "logistic, CLS + mean patch", "logistic, CLS", "MLP 256, all tokens")
+
+
+def _sets(limit: int | None) -> dict[str, tuple[list, np.ndarray]]:
+    from vlhooks.train.data import load_source
+
+    from .references import sklearn_digits
+
+    train, heldout = load_source("mnist", split="train"), load_source("mnist", split="heldout")
+    uci_x, uci_y = sklearn_digits()
+    sets = {"train": (list(train["image"]), np.asarray(train["label"])),
+            "heldout": (list(heldout["image"]), np.asarray(heldout["label"])),
+            "uci": (list(uci_x), np.asarray(uci_y))}
+    if limit:
+        sets = {k: (x[:limit], y[:limit]) for k, (x, y) in sets.items()}
+    return sets
+
+
+def encode(size: int, sets: dict, batch: int = 50) -> tuple[dict[str, np.ndarray], float]:
+    """Tokens `[n, 1 + (size / 14)^2, 384]` of every set, and the encode time per image."""
+    from vlhooks.train.encoders import image_encoder
+
+    enc = image_encoder({"name": "dinov2-small", "image_size": size, "include_cls": True})
+    feats, n, t0 = {}, 0, time.perf_counter()
+    for name, (images, _) in sets.items():
+        parts = []
+        for i in range(0, len(images), batch):
+            tokens, _mask = enc(images[i:i + batch])
+            parts.append(tokens.float().numpy())
+        feats[name], n = np.concatenate(parts), n + len(images)
+    return feats, (time.perf_counter() - t0) / n
+
+
+def fit(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Accuracy of each probe (fitted on `train`) on `heldout` and `uci`."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    views = {"logistic, all tokens": lambda a: a.reshape(len(a), -1),
+             "logistic, CLS + mean patch": lambda a: np.concatenate([a[:, 0], a[:, 1:].mean(1)], 1),
+             "logistic, CLS": lambda a: a[:, 0]}
+    out = {}
+    for probe, view in views.items():
+        clf = LogisticRegression(C=1.0, max_iter=2000).fit(view(feats["train"]), labels["train"])
+        out[probe] = {s: float(clf.score(view(feats[s]), labels[s])) for s in ("heldout", "uci")}
+    flat = {k: v.reshape(len(v), -1) for k, v in feats.items()}
+    scaler = StandardScaler().fit(flat["train"])
+    mlp = MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-2, max_iter=300, early_stopping=True, random_state=0)
+    mlp.fit(scaler.transform(flat["train"]), labels["train"])
+    out["MLP 256, all tokens"] = {s: float(mlp.score(scaler.transform(flat[s]), labels[s])) for s in ("heldout", "uci")}
+    return out
+
+
+def run_probe(sizes: list[int], out: str | None = None, limit: int | None = None) -> dict:
+    sets = _sets(limit)
+    labels = {k: y for k, (_, y) in sets.items()}
+    results = {"sizes": {}, "counts": {k: len(y) for k, y in labels.items()}}
+    for size in sizes:
+        feats, s_per_image = encode(size, sets)
+        results["sizes"][str(size)] = {"probes": fit(feats, labels), "encode_s_per_image": round(s_per_image, 4),
+                                       "tokens": int(feats["train"].shape[1])}
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        path = Path(out) / "probe.json"
+        if path.exists():
+            path = Path(out) / f"probe-{time.strftime('%Y%m%d-%H%M%S')}.json"  # never overwrite a user's file
+        path.write_text(json.dumps(results, indent=1))
+        results["written"] = str(path)
+    return results
+
+
+def format_probe(results: dict) -> str:
+    lines = ["| size (px) | tokens | probe | held-out | UCI digits | encode s / image |", "|---|---|---|---|---|---|"]
+    for size, r in results["sizes"].items():
+        for probe in PROBES:
+            acc = r["probes"][probe]
+            lines.append(f"| {size} | {r['tokens']} | {probe} | {acc['heldout']:.3f} | {acc['uci']:.3f} | "
+                         f"{r['encode_s_per_image']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlhooks.eval.feature_probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[56, 112], help="encoder input sizes (multiples of 14)")
+    p.add_argument("--out", default="outputs/feature_probe")
+    p.add_argument("--limit", type=int, default=None, help="keep this many digits of each set (a quick check)")
+    a = p.parse_args(argv)
+    bad = [s for s in a.sizes if s <= 0 or s % 14]
+    if bad:
+        p.error(f"--sizes must be positive multiples of 14 (DINOv2's patch size); got {bad}")
+    results = run_probe(a.sizes, a.out, a.limit)
+    print(format_probe(results))
+    print(f"wrote {results['written']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
