@@ -130,7 +130,7 @@ def usable(x: torch.Tensor, extra_k: torch.Tensor) -> bool:
     """Whether `joint_attention` can serve a block whose input is `x` (`[B, L, ...]`) with extra keys `extra_k`
     (`[1 or B, N, H, Dh]`): CUDA, bf16 / fp16, head size 64 or 128, inference, eager, Triton present."""
     return (
-        enabled() and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and extra_k.shape[-1] in (64, 128)
+        x.is_cuda and enabled() and x.dtype in (torch.bfloat16, torch.float16) and extra_k.shape[-1] in (64, 128)
         and extra_k.dtype == x.dtype and extra_k.shape[0] in (1, x.shape[0])
         and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and _kernel() is not None
     )
