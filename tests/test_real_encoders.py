@@ -256,3 +256,12 @@ def test_the_feature_probe_reads_the_class_from_the_shipped_encoder_and_keeps_ea
     second = run_probe([56], out=str(tmp_path), limit=20)
     assert second["written"] != first["written"]
     assert json.loads(Path(first["written"]).read_text())["counts"]["train"] == 200
+
+
+def test_the_feature_probe_refuses_sizes_off_the_patch_grid(tmp_path, capsys):
+    from vlhooks.eval.feature_probe import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--sizes", "56", "50", "--out", str(tmp_path / "p")])
+    assert e.value.code == 2 and "multiples of 14" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
