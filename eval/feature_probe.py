@@ -1,12 +1,14 @@
 """What the reference features themselves say about the class: the first bound on an adapter's class match.
 
 Encodes the 4000 training digits, the 1000 held-out digits and the 1797 UCI digits (`references.sklearn_digits`)
-with the embedded default's image encoder (DINOv2-S, CLS + patch tokens) at each resolution asked for, and fits
+with the embedded default's image encoder (DINOv2-S, CLS + patch tokens; `--encoder efficientnet-lite0` for the
+other shipped vision encoder) at each resolution asked for, and fits
 probes on the training split: a logistic regression on all tokens flattened, on CLS + the mean patch token and on
 CLS alone, and a one-hidden-layer MLP on all tokens (standardised). An adapter that read the class perfectly from
 these features could not do better than the best probe on each set (times the DiT's text-conditional ceiling).
 
-    python -m vlhooks.eval.feature_probe [--sizes 56 112] [--out outputs/feature_probe] [--limit N]
+    python -m vlhooks.eval.feature_probe [--sizes 56 112] [--encoder dinov2-small] [--out outputs/feature_probe]
+                                         [--limit N]
 
 Writes `probe.json` (accuracy per size, probe and set; encode seconds per image) and prints a table. About 1 min at
 56 px and 3 min at 112 px on one core (224 px: ~12 min); `--limit` keeps N digits of each set (a quick check).
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-PROBES = ("logistic, all tokens", "logistic, CLS + mean patch", "logistic, CLS", "MLP 256, all tokens")
+PROBES = ("logistic, all tokens", "logistic, CLS + mean patch", "logistic, CLS", "logistic, mean token",
+          "MLP 256, all tokens")
 
 
 def _sets(limit: int | None) -> dict[str, tuple[list, np.ndarray]]:
@@ -39,11 +42,15 @@ def _sets(limit: int | None) -> dict[str, tuple[list, np.ndarray]]:
     return sets
 
 
-def encode(size: int, sets: dict, batch: int = 50) -> tuple[dict[str, np.ndarray], float]:
-    """Tokens `[n, 1 + (size / 14)^2, 384]` of every set, and the encode time per image."""
+def encode(size: int, sets: dict, batch: int = 50, encoder: str = "dinov2-small") -> tuple[dict[str, np.ndarray], float]:
+    """Tokens `[n, T, C]` of every set (DINOv2-S: `T = 1 + (size / 14)^2` with CLS first), and the encode time per
+    image."""
     from vlhooks.train.encoders import image_encoder
 
-    enc = image_encoder({"name": "dinov2-small", "image_size": size, "include_cls": True})
+    spec = {"name": encoder, "image_size": size}
+    if encoder == "dinov2-small":
+        spec["include_cls"] = True
+    enc = image_encoder(spec)
     feats, n, t0 = {}, 0, time.perf_counter()
     for name, (images, _) in sets.items():
         parts = []
@@ -54,15 +61,18 @@ def encode(size: int, sets: dict, batch: int = 50) -> tuple[dict[str, np.ndarray
     return feats, (time.perf_counter() - t0) / n
 
 
-def fit(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Accuracy of each probe (fitted on `train`) on `heldout` and `uci`."""
+def fit(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], cls: bool = True) -> dict[str, dict[str, float]]:
+    """Accuracy of each probe (fitted on `train`) on `heldout` and `uci`; `cls`: the first token is a CLS token."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.preprocessing import StandardScaler
 
-    views = {"logistic, all tokens": lambda a: a.reshape(len(a), -1),
-             "logistic, CLS + mean patch": lambda a: np.concatenate([a[:, 0], a[:, 1:].mean(1)], 1),
-             "logistic, CLS": lambda a: a[:, 0]}
+    views = {"logistic, all tokens": lambda a: a.reshape(len(a), -1)}
+    if cls:  # DINOv2: CLS first, then the patch tokens
+        views["logistic, CLS + mean patch"] = lambda a: np.concatenate([a[:, 0], a[:, 1:].mean(1)], 1)
+        views["logistic, CLS"] = lambda a: a[:, 0]
+    else:  # spatial tokens only (EfficientNet-Lite0's 7 x 7 grid)
+        views["logistic, mean token"] = lambda a: a.mean(1)
     out = {}
     for probe, view in views.items():
         clf = LogisticRegression(C=1.0, max_iter=2000).fit(view(feats["train"]), labels["train"])
@@ -75,13 +85,15 @@ def fit(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str
     return out
 
 
-def run_probe(sizes: list[int], out: str | None = None, limit: int | None = None) -> dict:
+def run_probe(sizes: list[int], out: str | None = None, limit: int | None = None,
+              encoder: str = "dinov2-small") -> dict:
     sets = _sets(limit)
     labels = {k: y for k, (_, y) in sets.items()}
-    results = {"sizes": {}, "counts": {k: len(y) for k, y in labels.items()}}
+    results = {"encoder": encoder, "sizes": {}, "counts": {k: len(y) for k, y in labels.items()}}
     for size in sizes:
-        feats, s_per_image = encode(size, sets)
-        results["sizes"][str(size)] = {"probes": fit(feats, labels), "encode_s_per_image": round(s_per_image, 4),
+        feats, s_per_image = encode(size, sets, encoder=encoder)
+        results["sizes"][str(size)] = {"probes": fit(feats, labels, cls=encoder == "dinov2-small"),
+                                       "encode_s_per_image": round(s_per_image, 4),
                                        "tokens": int(feats["train"].shape[1])}
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -96,7 +108,7 @@ def run_probe(sizes: list[int], out: str | None = None, limit: int | None = None
 def format_probe(results: dict) -> str:
     lines = ["| size (px) | tokens | probe | held-out | UCI digits | encode s / image |", "|---|---|---|---|---|---|"]
     for size, r in results["sizes"].items():
-        for probe in PROBES:
+        for probe in (p for p in PROBES if p in r["probes"]):
             acc = r["probes"][probe]
             lines.append(f"| {size} | {r['tokens']} | {probe} | {acc['heldout']:.3f} | {acc['uci']:.3f} | "
                          f"{r['encode_s_per_image']:.4f} |")
@@ -105,14 +117,16 @@ def format_probe(results: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vlhooks.eval.feature_probe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[56, 112], help="encoder input sizes (multiples of 14)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[56, 112],
+                   help="encoder input sizes (multiples of 14 for DINOv2)")
+    p.add_argument("--encoder", default="dinov2-small", choices=["dinov2-small", "efficientnet-lite0"])
     p.add_argument("--out", default="outputs/feature_probe")
     p.add_argument("--limit", type=int, default=None, help="keep this many digits of each set (a quick check)")
     a = p.parse_args(argv)
-    bad = [s for s in a.sizes if s <= 0 or s % 14]
+    bad = [s for s in a.sizes if s <= 0 or (a.encoder == "dinov2-small" and s % 14)]
     if bad:
-        p.error(f"--sizes must be positive multiples of 14 (DINOv2's patch size); got {bad}")
-    results = run_probe(a.sizes, a.out, a.limit)
+        p.error(f"--sizes must be positive (multiples of 14, DINOv2's patch size, for dinov2-small); got {bad}")
+    results = run_probe(a.sizes, a.out, a.limit, a.encoder)
     print(format_probe(results))
     print(f"wrote {results['written']}")
     return 0
