@@ -44,7 +44,7 @@ def main(tag: str) -> None:
     def fwd():
         m(hs, ehs, pooled, ts, img_ids, txt_ids, g, return_dict=False)
 
-    def timed():
+    def timed():  # as gpu_bench._time; not imported: this script must run beside an older vlhooks on PYTHONPATH
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fwd()

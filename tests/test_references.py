@@ -422,3 +422,25 @@ def test_several_references_in_one_text_path_call_equal_one_call_per_reference(f
     assert len(calls) - n_batched == 3 * n_batched  # one call per reference and block without batching
     torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-6)
     assert (batched - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("how", ["v_only", "kv_penalty", "k_mean_v"])
+@pytest.mark.parametrize("family", ["z_image", "flux"])
+def test_batched_references_take_each_ones_strength_in_their_kv(family, how, monkeypatch):
+    """`kv_scaling` other than `"kv"` puts each reference's strength into its own K/V: the batched text path splits
+    the K/V back per reference before scaling, so it equals one text-path call per reference."""
+    from vlhooks.models import family_for
+
+    model = build(family)
+    kw = inputs(family)
+    g = torch.Generator().manual_seed(6)
+    refs = [vh.Reference(vh.VLFeatures(torch.randn(1, 4, caption_width(family), generator=g)), scale=s)
+            for s in (0.5, 1.8)]
+    cfg = vh.InjectionConfig(blocks="all", kv_scaling=how)
+    with torch.no_grad():
+        with vh.inject(model, refs, cfg):
+            batched = output(model, kw)
+        monkeypatch.setattr(type(family_for(model)), "batched_segments", False)
+        with vh.inject(model, refs, cfg):
+            separate = output(model, kw)
+    torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-6)
