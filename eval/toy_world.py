@@ -23,13 +23,14 @@ def to16(images: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def injection_config(spec: dict, adapter=None):
-    """The arm's `InjectionConfig`: the compare config's `injection`, except that a trained adapter keeps the mode
-    and placement it was trained with (a decoupled adapter is not run in joint mode)."""
+    """The arm's `InjectionConfig`: the compare config's `injection`, except that a trained adapter keeps the blocks,
+    mode and placement it was trained with (a decoupled adapter is not run in joint mode, nor an adapter trained
+    on the context refiner as well without it)."""
     import vlhooks as vh
 
     spec = dict(spec)
     own = getattr(getattr(adapter, "config", None), "injection", None) or {}
-    for key in ("mode", "placement"):
+    for key in ("blocks", "mode", "placement"):
         if key in own:
             spec[key] = own[key]
     return vh.InjectionConfig.from_dict(spec)

@@ -457,3 +457,21 @@ def test_block_measurement_behind_the_presets(tmp_path):
     assert r["sets"]["all its blocks"]["class_match"] == pytest.approx(world.label_metrics(x)["class_match"].mean())
     for m in r["sets"].values():
         assert 0 <= m["class_match"] <= 1 and -1 <= m["ink_correlation"] <= 1 and 0 < m["ref_similarity"] <= 1
+
+
+def test_a_trained_adapter_keeps_its_own_blocks_mode_and_placement():
+    """A kv adapter trained on the context refiner as well is compared with it (its K/V there were trained with the
+    main blocks'), and a decoupled one in decoupled mode, whatever the compare config's `injection` says."""
+    from vlhooks.eval.toy_world import injection_config
+    from vlhooks.models import load_transformer
+
+    dit = load_transformer(str(TOY_DIT))
+    blocks = r"(layers|context_refiner)\.\d+"
+    adapter = vh.KVAdapter.create(dit, blocks=blocks)
+    adapter.config.injection = vh.InjectionConfig(blocks=blocks, mode="decoupled").to_dict()
+    cfg = injection_config({"blocks": "all", "mode": "joint", "scale": 0.5}, adapter)
+    assert (cfg.blocks, cfg.mode, cfg.scale) == (blocks, "decoupled", 0.5)
+    names = [s.name for s in vh.family_for(dit).select(dit, cfg.blocks)]
+    assert sorted(names) == sorted(adapter.config.sites) == ["context_refiner.0", "layers.0", "layers.1"]
+    plain = injection_config({"blocks": "all", "mode": "joint"}, None)  # zero-shot arms: the compare config's own
+    assert (plain.blocks, plain.mode) == ("all", "joint")
