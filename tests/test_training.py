@@ -265,3 +265,22 @@ def test_cudnn_attention_is_off_for_a_flux_fit_on_cuda_and_restored_after(family
         assert torch.backends.cuda.cudnn_sdp_enabled() is True
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_the_cache_holds_the_encoders_outputs_as_fixed_shape_arrays(toy_data):
+    """Every padded column reads as one `Array{n}D` block, and holds what the encoders give for the same inputs."""
+    import datasets
+
+    from vlhooks.train.data import load_source
+    from vlhooks.train.encoders import image_encoder, latent_encoder
+
+    ds = toy_data.dataset
+    assert isinstance(ds.features["features"], datasets.Array2D)  # [N, D] per row
+    assert isinstance(ds.features["latents"], datasets.Array3D)  # [1, 16, 16]
+    assert isinstance(ds.features["caption"], datasets.Array2D)  # [L_max, C]
+    raw = load_source("skimage", None, 4, None)
+    feats, _ = image_encoder({"name": "dinov2-small"})(raw["image"][:4])  # [4, N, D]
+    latents = latent_encoder({"name": "pixels", "size": 16, "channels": 1})(raw["image"][:4])
+    rows = ds[:4]
+    assert torch.allclose(rows["features"], feats.float(), atol=1e-6)
+    assert torch.equal(rows["latents"], latents.float())
