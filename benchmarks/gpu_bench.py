@@ -9,6 +9,7 @@ share one plain timing and drift of the machine cancels. A row's figure is the m
     python benchmarks/gpu_bench.py [parts...]          # default: zimage train lightning throughput flux profile
                                                         #          qwenimage flux2
     python benchmarks/gpu_bench.py --tiny [parts...]   # dry run on the CPU: tiny widths, the same code paths
+    python benchmarks/gpu_bench.py --calls 5 --reps 10 flux   # each timing: 5 calls back to back (per-call mean)
     parts also: throughput_zimage, throughput_flux (one family each), zimage_sweep (64/256/729 tokens, embedding
     route), loop (8-step pipeline), compile
 
@@ -37,6 +38,22 @@ import torch
 import vlhooks as vh
 
 TINY = "--tiny" in sys.argv
+
+
+def _option(name: str, default: int) -> int:
+    """`--name N` from the command line (removed from the parts list)."""
+    if name in sys.argv:
+        i = sys.argv.index(name)
+        value = int(sys.argv[i + 1])
+        del sys.argv[i:i + 2]
+        return value
+    return default
+
+
+# inference groups: each timing covers CALLS calls back to back and reports their mean, so a repeat's ratio carries
+# less of a single forward's jitter (1-2 % on Flux.1), which is what decides a claim against a peer in every repeat
+CALLS = _option("--calls", 1)
+REPS_OPTION = _option("--reps", 0)
 ARGS = [a for a in sys.argv[1:] if a != "--tiny"]
 DEV = "cpu" if TINY else "cuda"
 DT = torch.float32 if TINY else torch.bfloat16
@@ -44,6 +61,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS_FILE = HERE / "results.json"
 BASELINE_SRC = HERE / "shared_gpu_baseline.py"
 WARM, REPS = (1, 2) if TINY else (2, 6)  # repeats: at least 5 per row, interleaved
+REPS = REPS_OPTION or REPS
 RESULTS: dict[str, object] = {}
 ROWS: list[tuple] = []  # (label, key, plain ms, variant ms, median ratio, min, max, n)
 NOTES: list[str] = []
@@ -69,18 +87,20 @@ def sync():
         torch.cuda.synchronize()
 
 
-def _time(fn) -> float:
-    """Milliseconds of one call (CUDA events; wall clock on the CPU)."""
+def _time(fn, calls: int = 1) -> float:
+    """Milliseconds per call of `calls` calls back to back (CUDA events; wall clock on the CPU)."""
     if DEV != "cuda":
         t0 = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - t0)
+        for _ in range(calls):
+            fn()
+        return 1e3 * (time.perf_counter() - t0) / calls
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
-    fn()
+    for _ in range(calls):
+        fn()
     b.record()
     torch.cuda.synchronize()
-    return a.elapsed_time(b)
+    return a.elapsed_time(b) / calls
 
 
 def peak_gib() -> float:
@@ -110,17 +130,18 @@ def record(key: str, ratios: list[float], extra: dict | None = None):
     RESULTS[key] = round(statistics.median(ratios), 4)
     RESULTS[key + "_minmax"] = [round(min(ratios), 4), round(max(ratios), 4)]
     RESULTS[key + "_reps"] = len(ratios)
+    RESULTS[key + "_calls_per_timing"] = CALLS
     if extra:
         RESULTS.update(extra)
 
 
 def group(title: str, plain, variants: list[dict], warm: int = WARM, reps: int = REPS) -> dict[str, list[float]]:
-    """Interleaved timing: per repeat, `plain` then each variant (`setup()`, one warm call, one timed call,
+    """Interleaved timing: per repeat, `plain` then each variant (`setup()`, one warm call, `CALLS` timed calls,
     `teardown()`). Records `<key>` = the median of the per-repeat ratios variant / plain, and returns them."""
     tp, tq = [], {v["key"]: [] for v in variants}
     failed: set[str] = set()
     for i in range(warm + reps):
-        p = _time(plain)
+        p = _time(plain, CALLS)
         for v in variants:
             if v["key"] in failed:
                 continue
@@ -129,7 +150,7 @@ def group(title: str, plain, variants: list[dict], warm: int = WARM, reps: int =
                     v["setup"]()
                 try:
                     v["fn"]()  # warm: per-generation caches filled, kernels tuned, outside the timing
-                    q = _time(v["fn"])
+                    q = _time(v["fn"], CALLS)
                 finally:
                     if v.get("teardown"):
                         v["teardown"]()
