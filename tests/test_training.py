@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -284,3 +285,21 @@ def test_the_cache_holds_the_encoders_outputs_as_fixed_shape_arrays(toy_data):
     rows = ds[:4]
     assert torch.allclose(rows["features"], feats.float(), atol=1e-6)
     assert torch.equal(rows["latents"], latents.float())
+
+
+def test_columns_in_memory_give_the_caches_rows():
+    """The training loader's in-memory rows (`ColumnsInMemory`, for caches up to `IN_MEMORY_BYTES`) are the cache's
+    own rows: every column, every row, the same values and dtypes as reading the `datasets` cache."""
+    import datasets
+
+    from vlhooks.train.data import ColumnsInMemory
+
+    ds = datasets.Dataset.from_dict({"x": np.random.default_rng(0).normal(size=(6, 3, 2)).astype(np.float32),
+                                     "n": list(range(6)), "m": [[True, False]] * 6})
+    ds = ds.cast(datasets.Features({"x": datasets.Array2D((3, 2), "float32"), "n": datasets.Value("int64"),
+                                    "m": datasets.Sequence(datasets.Value("bool"), length=2)})).with_format("torch")
+    rows = ColumnsInMemory(ds)
+    assert len(rows) == len(ds)
+    for i in range(len(ds)):
+        a, b = ds[i], rows[i]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)

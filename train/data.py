@@ -581,8 +581,29 @@ class PairsDataModule(L.LightningDataModule):
                                      rank=rank, batch_size=bs)
         if trainer is not None:
             sampler.position = functools.partial(_trainer_position, trainer, sampler, drop_last)
-        return DataLoader(self.dataset, batch_size=bs, sampler=sampler, num_workers=self.hparams.num_workers,
+        rows = ColumnsInMemory(self.dataset) if self.dataset.data.nbytes <= IN_MEMORY_BYTES else self.dataset
+        return DataLoader(rows, batch_size=bs, sampler=sampler, num_workers=self.hparams.num_workers,
                           drop_last=drop_last)
+
+
+IN_MEMORY_BYTES = 2 * 2**30  # caches up to this size are read into memory once per fit (ColumnsInMemory)
+
+
+class ColumnsInMemory(torch.utils.data.Dataset):
+    """A dataset cache's columns as one tensor each, read once; a row is a dict of views into them. A batch is then a
+    stack of views instead of an arrow read and conversion per batch (the toy recipes' batch: 14 -> 1.5 ms, about
+    8 % of a step), with the same values in the same order."""
+
+    def __init__(self, dataset):
+        # one column at a time: the arrow-to-tensor conversion's intermediates stay one column's size
+        self.columns = {c: dataset.select_columns([c])[:][c] for c in dataset.column_names}  # {name: [n, ...]}
+        self.rows = len(dataset)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.columns.items()}
 
 
 def batches_per_epoch(samples: int, batch_size: int, drop_last: bool, limit: int | float = 1.0) -> int:
