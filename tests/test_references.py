@@ -444,3 +444,24 @@ def test_batched_references_take_each_ones_strength_in_their_kv(family, how, mon
         with vh.inject(model, refs, cfg):
             separate = output(model, kw)
     torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["z_image", "lumina2"])
+def test_a_mask_in_a_caption_only_block_warns_and_a_main_block_one_does_not(family):
+    """A spatial mask cannot apply in a caption-only context refiner (no image queries): selecting one for a masked
+    reference warns and names the blocks; the main blocks alone do not."""
+    import warnings
+
+    model = build(family)
+    h, w = 4, 4
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[:, :2] = True
+    feats = _feats(family, 1)
+    with pytest.warns(UserWarning, match=r"cannot apply in \['context_refiner\.0'.*no image queries"):
+        vh.apply_injection(model, [vh.Reference(feats, mask=mask)],
+                           vh.InjectionConfig(blocks=r"(layers|context_refiner)\.\d+")).remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails here
+        vh.apply_injection(model, [vh.Reference(feats, mask=mask)], vh.InjectionConfig(blocks="all")).remove()
+        vh.apply_injection(model, [vh.Reference(feats)],
+                           vh.InjectionConfig(blocks=r"(layers|context_refiner)\.\d+")).remove()

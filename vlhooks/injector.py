@@ -7,6 +7,8 @@ of processors and hooks. Created by `vh.apply_injection`; users hold an `Injecti
 
 from __future__ import annotations
 
+import warnings
+
 import weakref
 from dataclasses import replace
 from typing import Any
@@ -170,6 +172,15 @@ class Injector:
             if not sites <= patched:
                 raise ConfigError(f"reference {i} selects blocks {sorted(sites - patched)}, which this patch does not "
                                   "cover; apply the injection with those blocks (InjectionConfig.blocks) first.")
+            if ref.mask is not None:
+                blind = sorted(s.name for s in self.sites
+                               if s.name in sites and s.kind in self.family.caption_only_kinds)
+                if blind:
+                    warnings.warn(
+                        f"reference {i}'s spatial mask cannot apply in {blind}: those blocks have no image queries "
+                        "(caption tokens only), so the reference reaches the whole image through the caption; leave "
+                        "them out of its blocks (e.g. blocks='all', the main blocks) to keep it inside its mask.",
+                        stacklevel=3)
             prepared.append(Prepared(feats, neg, frozenset(sites), ref.timing(cfg), float(ref.scale), ref.mask))
         if cfg.combine == "average" and len(refs) > 1:
             feats, neg = average(refs, features, negatives)

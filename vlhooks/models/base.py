@@ -105,6 +105,9 @@ class DiTFamily:
     placements: tuple[str, ...] = ("attention",)
     # diffusers pipeline classes whose transformer is of this family
     pipeline_classes: tuple[str, ...] = ()
+    # site kinds whose attention has no image queries (caption tokens only): a reference's spatial mask cannot
+    # apply there (`image_span` is None), which `Injector.set_references` warns about
+    caption_only_kinds: tuple[str, ...] = ()
     # whether several references' extra tokens may go through one text-path call (`BlockCall.batched`): the text
     # path maps tokens one by one, and the extra tokens' positions (RoPE) are either absent or restart per reference
     # (`finish_kv` reads `BlockCall.segment_lengths`)

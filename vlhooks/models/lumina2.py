@@ -116,6 +116,7 @@ class Lumina2InjectionProcessor(Lumina2AttnProcessor2_0):
 
 class Lumina2Family(DiTFamily):
     name = "lumina2"
+    caption_only_kinds = ("context_refiner",)  # caption tokens only: no image query for a mask
     batched_segments = True  # several references' tokens share one text-path call (positions: per_reference)
     title = "Lumina 2"
     transformer_classes = ("Lumina2Transformer2DModel",)

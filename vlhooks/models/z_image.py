@@ -103,6 +103,7 @@ class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
 
 class ZImageFamily(DiTFamily):
     name = "z_image"
+    caption_only_kinds = ("context_refiner",)  # caption tokens only: no image query for a mask
     batched_segments = True  # several references' tokens share one text-path call (positions: per_reference)
     title = "Z-Image"
     transformer_classes = ("ZImageTransformer2DModel",)
