@@ -166,6 +166,10 @@ def test_train_command_writes_a_loadable_adapter(tmp_path):
     assert not torch.equal(out, base)
     r = _train_cmd(tmp_path, "configs/tiny/lora.yaml", 6, "--ckpt_path", "last")
     assert r.returncode == 0 and "Restored all states" in r.stdout + r.stderr, r.stderr[-3000:]
+    r = _train_cmd(tmp_path, "configs/tiny/lora.yaml", 2, "--model.run_name", "no-samples", "--model.sample_count", "0")
+    assert r.returncode == 0, r.stderr[-3000:]  # no samples asked for: none drawn, the adapter written
+    assert not (tmp_path / "ckpt" / "no-samples" / "samples").exists()
+    assert (tmp_path / "ckpt" / "no-samples" / "final" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -224,8 +224,10 @@ class VLHooksCLI(LightningCLI):
             ModelCheckpoint(dirpath=str(run_dir / "lightning"), filename="step-{step}", save_last=True,
                             save_top_k=0, every_n_train_steps=every, enable_version_counter=False),
             AdapterExport(run_dir, every_n_steps=int(h.save_every_n_steps)),
-            SampleImages(run_dir, every_n_steps=int(h.sample_every_n_steps), count=int(h.sample_count)),
         ]
+        if int(h.sample_count):  # 0: no samples
+            extra["callbacks"].append(SampleImages(run_dir, every_n_steps=int(h.sample_every_n_steps),
+                                                   count=int(h.sample_count)))
         if cfg.get("enable_progress_bar", True) is not False:
             extra["callbacks"].append(StepProgressBar())
         trainer = super().instantiate_trainer(**extra, **kwargs)

@@ -149,7 +149,7 @@ class AdapterModule(L.LightningModule):
         run_name, checkpoint_root: adapter checkpoints go to `<checkpoint_root>/<run_name>/`.
         save_every_n_steps: also write `step-N/` every N steps (0: only `final/`).
         sample_every_n_steps, sample_count: fixed-seed samples of the first training rows every N steps (0: only
-            at the end), saved under `<checkpoint_root>/<run_name>/samples/`.
+            at the end; `sample_count` 0: none), saved under `<checkpoint_root>/<run_name>/samples/`.
     """
 
     def __init__(
