@@ -11,7 +11,7 @@ share one plain timing and drift of the machine cancels. A row's figure is the m
     python benchmarks/gpu_bench.py --tiny [parts...]   # dry run on the CPU: tiny widths, the same code paths
     python benchmarks/gpu_bench.py --calls 5 --reps 10 flux   # each timing: 5 calls back to back (per-call mean)
     parts also: throughput_zimage, throughput_flux (one family each), zimage_sweep (64/256/729 tokens, embedding
-    route), loop (8-step pipeline), compile
+    route), loop (8-step pipeline), compile, peer_profile (the imported IP-Adapter vs diffusers', kernel by kernel)
 
 Writes benchmarks/results.json (merging with the keys already there; `--tiny` writes $OUT/results_tiny.json or
 /tmp instead) and $OUT/results.json, and prints a table last.
@@ -782,6 +782,47 @@ def profile_one(key, fwd, patch):
     save()
 
 
+def peer_profile():
+    """Flux.1 with the same XLabs-style IP-Adapter through diffusers' own processors and through
+    `vh.import_ip_adapter`: GPU busy time and kernels of one forward each, and the kernels vlhooks adds or saves
+    against diffusers (recorded as `profile_flux_imported_vs_diffusers`)."""
+    m = model("flux")
+    fwd = flux_inputs(m)
+    originals = dict(m.attn_processors)
+    m._load_ip_adapter_weights(xlabs_ip_weights(m), low_cpu_mem_usage=False)
+    m.encoder_hid_proj.to(DEV, DT)
+    xl_procs = dict(m.attn_processors)
+    imported = vh.import_ip_adapter(m, remove=False).to(DEV, DT)
+    m.set_attn_processor(dict(originals))
+    emb = rnd(1, 1, 768)
+    runs = {}
+    m.set_attn_processor(dict(xl_procs))
+    diffusers_fwd = lambda: fwd({"ip_adapter_image_embeds": [emb]})  # noqa: E731
+    runs["diffusers"] = (statistics.median(_time(diffusers_fwd, CALLS) for _ in range(5)),) + busy(diffusers_fwd,
+                                                                                                   per_kernel=True)
+    m.set_attn_processor(dict(originals))
+    with vh.inject(m, vh.VLFeatures(emb), None, adapter=imported):
+        runs["vlhooks"] = (statistics.median(_time(fwd, CALLS) for _ in range(5)),) + busy(fwd, per_kernel=True)
+    (dw, db, dn, dk), (vw, vb, vn, vk) = runs["diffusers"], runs["vlhooks"]
+    added = {}
+    for name in set(dk) | set(vk):
+        c0, t0 = dk.get(name, (0, 0.0))
+        c1, t1 = vk.get(name, (0, 0.0))
+        if c1 != c0 or abs(t1 - t0) > 0.02:
+            added[name[:90]] = (c1 - c0, round(t1 - t0, 3))
+    top = sorted(added.items(), key=lambda kv: -abs(kv[1][1]))[:14]
+    RESULTS["profile_flux_imported_vs_diffusers"] = {
+        "diffusers_wall_ms": round(dw, 2), "diffusers_busy_ms": round(db, 2), "diffusers_kernels": dn,
+        "vlhooks_wall_ms": round(vw, 2), "vlhooks_busy_ms": round(vb, 2), "vlhooks_kernels": vn,
+        "vlhooks_minus_diffusers_kernels_top": top}
+    print(f"peer profile (XLabs IP-Adapter, Flux.1): wall diffusers {dw:.2f} vs vlhooks {vw:.2f} ms, GPU busy "
+          f"{db:.2f} vs {vb:.2f} ms, kernels {dn} vs {vn}", flush=True)
+    for name, (dc, dt) in top:
+        print(f"    {dc:+5d} kernels {dt:+8.3f} ms  {name}", flush=True)
+    del imported
+    save()
+
+
 # ---------------------------------------------------------------------------------------------------- earlier parts
 def zimage_sweep():
     """Z-Image at 64 / 256 / 729 tokens: joint, decoupled + kv, and the embedding route (tokens in the caption)."""
@@ -860,7 +901,7 @@ def compiled():
 
 
 PARTS = {"zimage": zimage, "train": train, "flux": flux, "throughput": throughput, "qwenimage": qwenimage,
-         "flux2": flux2, "lightning": lightning, "profile": profile_part,
+         "flux2": flux2, "lightning": lightning, "profile": profile_part, "peer_profile": peer_profile,
          "throughput_zimage": lambda: throughput(("z_image",)), "throughput_flux": lambda: throughput(("flux",)),
          "zimage_sweep": zimage_sweep, "loop": loop, "compile": compiled}
 DEFAULT = ["zimage", "train", "lightning", "throughput", "flux", "profile", "qwenimage", "flux2"]

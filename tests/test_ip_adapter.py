@@ -506,3 +506,30 @@ def test_wrong_placement_or_mode_is_refused_at_the_first_call():
     with pytest.raises(vh.ConfigError, match="placement='image_joint' is not implemented"):
         vh.apply_injection(ref, emb, vh.InjectionConfig(mode="decoupled", placement="image_joint"), adapter=adapter)
     assert snapshot(ref) == before
+
+
+def test_flux_ip_kv_computed_once_per_generation():
+    """A Flux IP-Adapter's K/V are timestep-free: computed once per site for a generation's features (diffusers
+    recomputes them at every step), again after `set_features`, and at every forward under autograd (training)."""
+    _, ref, _ = _installed("flux")
+    adapter = vh.import_ip_adapter(ref)
+    calls = []
+    hooks = [b.to_k_ip.register_forward_hook(lambda m, a, o: calls.append(1)) for b in adapter.blocks.values()]
+    kw = inputs("flux", batch=2)
+    emb = _embeds("flux")
+    sites = len(adapter.blocks)
+    with vh.inject(ref, vh.VLFeatures(emb), None, adapter=adapter) as handle:
+        with torch.no_grad():
+            first = output(ref, dict(kw, timestep=torch.tensor([0.9, 0.9])))
+            assert len(calls) == sites
+            second = output(ref, dict(kw, timestep=torch.tensor([0.4, 0.4])))  # another step: reused
+            assert len(calls) == sites and not torch.equal(first, second)
+            handle.set_features(vh.VLFeatures(emb.flip(0)))
+            output(ref, kw)
+            assert len(calls) == 2 * sites
+        output(ref, kw).sum().backward()
+        output(ref, kw)
+        assert len(calls) == 4 * sites
+        assert adapter.blocks[next(iter(adapter.blocks))].to_k_ip.weight.grad is not None
+    for h in hooks:
+        h.remove()

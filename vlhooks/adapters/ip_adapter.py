@@ -233,12 +233,24 @@ class IPAdapter(Adapter):
                     f"but the model's attention there is {width} wide with heads of {width // attn.heads}; it was "
                     "made for another model size.")
 
+    def embed_key(self, family, site):
+        # Flux layouts: the K/V are timestep-free, so a site's embedding is its K/V, cached per generation like
+        # every embedding (diffusers' processors recompute them at every step); SD3: one embedding for every site
+        return family.embed_key(site) if self.kind == "sd3" else ("ip_adapter.kv", site.name)
+
     def embed(self, family, transformer, tokens, mask, site, cache):
+        """SD3: the image tokens as they are. Flux layouts: `site`'s IP K/V `[B, n T, 2 H Dh]` (K then V)."""
         if self.kind == "sd3":
             return tokens  # [B, N, D_img]: the resampler needs the call's timestep, so it runs in `kv`
         B, n = tokens.shape[:2]
         c = self.image_proj(tokens.reshape(B * n, -1).to(self._dtype()))  # [B n, T, C], one image at a time
-        return c.reshape(B, n * c.shape[1], c.shape[2]).to(tokens.dtype)  # [B, n T, C]
+        x = c.reshape(B, n * c.shape[1], c.shape[2])  # [B, n T, C]
+        blk, d = self.blocks[_key(site.name)], self.config.options.head_dim
+        k = blk.to_k_ip(x).unflatten(-1, (-1, d))  # [B, n T, H, Dh]
+        v = blk.to_v_ip(x).unflatten(-1, (-1, d))
+        if blk.norm_k is not None:
+            k, v = blk.norm_k(k), blk.norm_v(v)
+        return torch.cat([k.flatten(-2), v.flatten(-2)], dim=-1).to(tokens.dtype)  # [B, n T, 2 H Dh]
 
     def output_mask(self, mask):
         if mask is None:
@@ -284,12 +296,8 @@ class IPAdapter(Adapter):
             k = blk.norm_ip_k(blk.to_k_ip(x).unflatten(-1, (-1, d)))  # [R, T, H, Dh]
             v = blk.to_v_ip(x).unflatten(-1, (-1, d))
             return k.to(dtype), v.to(dtype)
-        x = call.embedded.to(self._dtype())  # [R, N, C]
-        k = blk.to_k_ip(x).unflatten(-1, (-1, d))  # [R, N, H, Dh]
-        v = blk.to_v_ip(x).unflatten(-1, (-1, d))
-        if blk.norm_k is not None:
-            k, v = blk.norm_k(k), blk.norm_v(v)
-        return k.to(dtype), v.to(dtype)
+        k, v = call.embedded.chunk(2, dim=-1)  # each [R, N, H Dh]: this site's embedding (`embed`)
+        return k.unflatten(-1, (-1, d)), v.unflatten(-1, (-1, d))  # [R, N, H, Dh]
 
     def image_attention_norms(self, call):
         """Placement `"image_joint"`: the adapter's own norms of the block's raw image queries and keys."""
