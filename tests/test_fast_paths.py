@@ -108,3 +108,29 @@ def test_linear_into_equals_linear(bias):
     assert not linear_into(buf[:, :9], x, torch.nn.Sequential(lin))  # only plain nn.Linear
     with torch.enable_grad():
         assert not linear_into(buf[:, :9], x, lin)  # out= has no autograd: training takes the general path
+
+
+@pytest.mark.parametrize("family", ["flux", "z_image"])
+def test_progress_read_to_the_host_only_where_a_strength_depends_on_it(family, monkeypatch):
+    """Reading the timestep to the host is a device sync: with the whole window and a constant schedule nothing
+    depends on it, so it is not read; a schedule that reads it and is 1 at every step gives the same output, bit
+    for bit."""
+    reads = []
+    real = Injector.begin_forward
+
+    def spy(self, args, kwargs, context_name):
+        fam = self.family
+        orig = fam.read_progress_list
+        fam.read_progress_list = lambda a, k: reads.append(1) or orig(a, k)
+        try:
+            return real(self, args, kwargs, context_name)
+        finally:
+            del fam.read_progress_list
+
+    monkeypatch.setattr(Injector, "begin_forward", spy)
+    full = _run(family)
+    assert reads == []
+    always_one = vh.InjectionConfig(schedule="linear_decay", schedule_params={"end": 1.0})  # 1 + 0 u: factor 1
+    assert torch.equal(_run(family, always_one), full)
+    assert len(reads) == 1
+    assert not torch.equal(_run(family, vh.InjectionConfig(window=(0.0, 0.2))), full)  # outside the window: off

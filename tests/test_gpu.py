@@ -286,3 +286,32 @@ def test_host_to_device_helpers_queue_without_changing_values():
     like = torch.zeros(2, device=DEV, dtype=DT)
     assert torch.equal(_strength_tensor([0.5, 1.0, 0.3], like), torch.tensor([0.5, 1.0, 0.3], device=DEV, dtype=DT))
     assert torch.equal(_device_index([2, 0, 1], torch.device(DEV)), torch.tensor([2, 0, 1], device=DEV))
+
+
+@pytest.mark.parametrize("build", [_zimage, _flux], ids=["z_image", "flux"])
+def test_patched_forward_adds_no_host_sync(build):
+    """With the whole window and a constant schedule a patched forward synchronises with the host no more often
+    than the plain one (`torch.cuda.set_sync_debug_mode("warn")` warns at every sync)."""
+    import warnings
+
+    model, run, width = build()
+    feats = _plain_features(width, DT)
+
+    def syncs():
+        run()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.no_grad():
+                    run()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in seen)
+
+    with torch.no_grad():
+        plain = syncs()
+        with vh.inject(model, feats, vh.InjectionConfig(guidance="none")):
+            patched = syncs()
+    assert patched == plain, (plain, patched)

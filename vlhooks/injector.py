@@ -280,7 +280,9 @@ class Injector:
         feature_batch = max(ref.features.batch_size for ref in self.references)
         layout = planning.guidance_layout(cfg.guidance, fam.batched_guidance, guided, batch, feature_batch)
         roles = planning.row_roles(batch, layout, context_name)
-        progress = None if compiling else fam.read_progress_list(args, kwargs)
+        # the progress is read to the host (one sync) only where a reference's strength changes with it
+        timed = any(ref.scale != 0.0 and not ref.timing.always_full() for ref in self.references)
+        progress = fam.read_progress_list(args, kwargs) if timed and not compiling else None
         plans: dict[int, planning.ReferencePlan | None] = {}
         for r, ref in enumerate(self.references):
             if ref.scale == 0.0:
@@ -294,7 +296,10 @@ class Injector:
                     fam.read_progress(args, kwargs))
                 plans[r] = planning.plan_call_tensor(assignment, strengths, batch)
             else:
-                values = [ref.timing.strength_at(p) for p in (progress * batch if len(progress) == 1 else progress)]
+                if progress is None:  # whole window, constant schedule: the factor is 1 at every step
+                    values = [1.0] * batch
+                else:
+                    values = [ref.timing.strength_at(p) for p in (progress * batch if len(progress) == 1 else progress)]
                 plans[r] = planning.plan_call(assignment, values, batch, self.same_graph)
         self.plan = planning.merge(plans, batch)
         if self.plan is None:
