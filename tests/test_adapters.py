@@ -30,6 +30,7 @@ def _adapters(model, family):
     return {
         "projection-linear": vh.ProjectionAdapter.create(model, w),
         "projection-mlp": vh.ProjectionAdapter.create(model, w, kind="mlp"),
+        "projection-mixer": vh.ProjectionAdapter.create(model, w, kind="mlp", mix_depth=2, heads=2),
         "kv": vh.KVAdapter.create(model),
         "kv-double-only": vh.KVAdapter.create(model, blocks=[0, 1]),
         "lora": vh.LoRAAdapter.create(model, rank=4, alpha=8),
@@ -95,6 +96,35 @@ def test_resampler_and_other_widths(tmp_path):
         assert torch.isfinite(out).all()
         adapter.save(tmp_path / kind)
         assert type(vh.load_adapter(tmp_path / kind)) is vh.ProjectionAdapter
+
+
+@torch.no_grad()
+def test_token_mixer_reads_every_token_and_ignores_padding():
+    """A (perturbed) token mixer makes each projected token depend on the reference's other tokens, unlike the
+    tokenwise mlp, and a padded token (mask False) changes nothing, whatever its values."""
+    model = _frozen("z_image")
+    w = caption_width("z_image")
+    mixer = vh.ProjectionAdapter.create(model, w, kind="mlp", mix_depth=1, heads=2)
+    mlp = vh.ProjectionAdapter.create(model, w, kind="mlp")
+    _perturb(mixer)
+    _perturb(mlp)
+    x = _feats("z_image", n=5).tokens
+    y = x.clone()
+    y[:, 4] += 3.0  # another last token
+    for adapter, mixes in ((mixer, True), (mlp, False)):
+        first = adapter.project(x)[:, :4]
+        assert torch.equal(first, adapter.project(y)[:, :4]) is not mixes
+    mask = torch.tensor([[True, True, True, True, False]])
+    assert torch.equal(mixer.project(x, mask)[:, :4], mixer.project(y, mask)[:, :4])
+    kw = inputs("z_image")
+    with vh.inject(model, vh.VLFeatures(x, mask), vh.InjectionConfig(), adapter=mixer):
+        a = output(model, kw)
+    with vh.inject(model, vh.VLFeatures(y, mask), vh.InjectionConfig(), adapter=mixer):
+        assert torch.equal(output(model, kw), a)
+    with pytest.raises(vh.AdapterError, match="mix_depth applies to the linear and mlp"):
+        vh.ProjectionAdapter.create(model, w, kind="resampler", mix_depth=1)
+    with pytest.raises(vh.AdapterError, match="must divide the feature width"):
+        vh.ProjectionAdapter.create(model, w, kind="mlp", mix_depth=1, heads=w + 1)
 
 
 def test_lora_changes_only_the_injected_tokens():

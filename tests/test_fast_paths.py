@@ -134,3 +134,27 @@ def test_progress_read_to_the_host_only_where_a_strength_depends_on_it(family, m
     assert torch.equal(_run(family, always_one), full)
     assert len(reads) == 1
     assert not torch.equal(_run(family, vh.InjectionConfig(window=(0.0, 0.2))), full)  # outside the window: off
+
+
+@pytest.mark.parametrize("family", ["flux", "z_image"])
+def test_rows_in_a_run_take_a_view_of_the_bank(family, monkeypatch):
+    """Two feature rows, the second switched off: the first row of the bank serves as a slice, with no
+    host-to-device index copy per block; row 0 gets its features (as when every row has them), row 1 none."""
+    import vlhooks.injector as inj
+
+    torch.manual_seed(3)
+    model = build(family)
+    kw = inputs(family, batch=2)
+    t = torch.randn(2, 5, caption_width(family))
+    cfg = vh.InjectionConfig(guidance="none")
+    with torch.no_grad():
+        plain = output(model, kw)
+        with vh.inject(model, vh.VLFeatures(t[[0, 0]]), cfg):
+            every = output(model, kw)
+        monkeypatch.setattr(inj, "_device_index", lambda *a: pytest.fail("an index copy for a run of rows"))
+        with vh.inject(model, vh.VLFeatures(t), cfg) as h:
+            h.set_features(vh.VLFeatures(t), active=[True, False])
+            some = output(model, kw)
+    assert torch.equal(some[1], plain[1])
+    torch.testing.assert_close(some[0], every[0], rtol=0, atol=1e-5)
+    assert (some[0] - plain[0]).abs().max() > 1e-3

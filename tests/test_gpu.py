@@ -314,4 +314,4 @@ def test_patched_forward_adds_no_host_sync(build):
         plain = syncs()
         with vh.inject(model, feats, vh.InjectionConfig(guidance="none")):
             patched = syncs()
-    assert patched == plain, (plain, patched)
+    assert patched <= plain, (plain, patched)

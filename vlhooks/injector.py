@@ -356,8 +356,11 @@ class Injector:
                 embedded = bank.expand(len(frows), -1, -1)
                 pre = None if pre is None else pre.expand(len(frows), -1, -1)
                 key_mask = None if mask is None else mask.expand(len(frows), -1)
-            elif list(frows) == list(range(bank.shape[0])):  # every row of the bank in order (a training batch)
-                embedded, key_mask = bank, mask
+            elif list(frows) == list(range(frows[0], frows[0] + len(frows))):  # a run of bank rows: a view, no copy
+                a, b = frows[0], frows[0] + len(frows)
+                embedded = bank[a:b]
+                pre = None if pre is None else pre[a:b]
+                key_mask = None if mask is None else mask[a:b]
             else:
                 idx = _device_index(frows, bank.device)
                 embedded = bank.index_select(0, idx)

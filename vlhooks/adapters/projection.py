@@ -4,6 +4,9 @@ Kinds:
 - `linear`: one Linear. Width equal to the caption width: initialised to the identity (exactly zero-shot).
 - `mlp`: `skip(x) + W2 gelu(W1 LN(x))` with `W2` zero-initialised; `skip` is the identity when widths are equal
   (exactly zero-shot at step 0), else a Linear.
+- `mix_depth` (linear and mlp kinds): that many self-attention layers over one reference's tokens before the map,
+  `x + out(attn(LN(x)))` with `out` zero-initialised (step 0 is still exactly zero-shot): the map then reads every
+  token of the reference at once, as a probe of the features does, instead of each token on its own.
 - `resampler`: `num_tokens` learned queries cross-attending to the features (IP-Adapter-Plus style). It changes the
   token count, so no zero-shot exists to reproduce; queries start at N(0, 0.02^2) like IP-Adapter-Plus.
 Where the feature width differs from the caption width, zero-shot does not exist either: the Linear layers start
@@ -26,13 +29,15 @@ KINDS = ("linear", "mlp", "resampler")
 @dataclass
 class ProjectionOptions(Options):
     """`kind`: `linear` | `mlp` | `resampler`. `hidden`: the mlp's hidden width (None: twice the caption width).
-    `num_tokens`, `depth`, `heads`: the resampler's learned queries, layers and attention heads."""
+    `num_tokens`, `depth`, `heads`: the resampler's learned queries, layers and attention heads. `mix_depth`:
+    self-attention layers over the reference's tokens before a linear or mlp map (`heads` heads each)."""
 
     kind: str = "linear"
     hidden: int | None = None
     num_tokens: int = 16
     depth: int = 2
     heads: int = 4
+    mix_depth: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -41,6 +46,41 @@ class ProjectionOptions(Options):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise AdapterError(f"projection option {k} must be a positive int, got {v!r}.")
+        if not isinstance(self.mix_depth, int) or isinstance(self.mix_depth, bool) or self.mix_depth < 0:
+            raise AdapterError(f"projection option mix_depth must be an int >= 0, got {self.mix_depth!r}.")
+        if self.mix_depth and self.kind == "resampler":
+            raise AdapterError("projection option mix_depth applies to the linear and mlp kinds; the resampler "
+                               "mixes tokens already (set mix_depth: 0 or kind: mlp).")
+
+
+class _TokenMixer(nn.Module):
+    """`depth` pre-norm self-attention layers over one reference's tokens, each `x + out(attn(LN(x)))` with `out`
+    zero-initialised: the identity at step 0. Plain SDPA (not `nn.MultiheadAttention`, whose eval fast path
+    computes differently from its training path)."""
+
+    def __init__(self, dim: int, depth: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise AdapterError(f"projection option heads={heads} must divide the feature width {dim}.")
+        self.heads = heads
+        self.layers = nn.ModuleList()
+        for _ in range(depth):
+            layer = nn.ModuleDict({"norm": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "out": nn.Linear(dim, dim)})
+            nn.init.zeros_(layer["out"].weight)
+            nn.init.zeros_(layer["out"].bias)
+            self.layers.append(layer)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        keep = None
+        if mask is not None:  # [B, N], True for real tokens; a row of padding only attends to all (else NaN)
+            keep = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]  # [B, 1, 1, N]
+        for layer in self.layers:
+            qkv = layer["qkv"](layer["norm"](x)).view(b, n, 3, self.heads, d // self.heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, N, Dh]
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+            x = x + layer["out"](a.transpose(1, 2).reshape(b, n, d))
+        return x  # [B, N, F]
 
 
 class _Resampler(nn.Module):
@@ -80,6 +120,7 @@ class ProjectionAdapter(Adapter):
         o: ProjectionOptions = config.options
         f, c = config.feature_width, config.caption_width
         self.kind = o.kind
+        self.mixer = _TokenMixer(f, o.mix_depth, o.heads) if o.mix_depth else None
         if o.kind == "linear":
             self.proj = nn.Linear(f, c)
             nn.init.zeros_(self.proj.bias)
@@ -110,6 +151,8 @@ class ProjectionAdapter(Adapter):
 
     def project(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Features `[B, N, F]` -> caption-space tokens `[B, N, C]` (resampler: `[B, M, C]`)."""
+        if self.mixer is not None:
+            tokens = self.mixer(tokens, mask)  # [B, N, F]
         if self.kind == "linear":
             return self.proj(tokens)
         if self.kind == "mlp":
