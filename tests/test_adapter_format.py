@@ -181,3 +181,25 @@ def test_old_lora_names_are_converted(tmp_path):
     loaded = vh.load_adapter(folder)
     loaded.bind(vh.family_for(build("flux")), build("flux"))
     assert all(".default." not in k and not k.startswith("wrappers") for k in loaded.trainable_state_dict())
+
+
+def test_folder_written_before_an_option_existed_loads(tmp_path):
+    """A folder whose config and weights' metadata lack an option added since (its default applies) loads; an
+    option that really differs between the two is still refused."""
+    folder = _saved(tmp_path)
+    w = folder / "adapter_model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(w), "pt") as fh:
+        meta = fh.metadata()
+    state = load_file(str(w))
+    old = json.loads(meta["adapter_config"])
+    del old["options"]["mix_depth"]  # as vlhooks wrote it before `mix_depth` existed
+    save_file(state, str(w), metadata=dict(meta, adapter_config=json.dumps(old)))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    del cfg["options"]["mix_depth"]
+    _edit_config(folder, options=cfg["options"])
+    assert vh.load_adapter(folder).config.options.mix_depth == 0
+    _edit_config(folder, options=dict(cfg["options"], mix_depth=1))  # the config alone says otherwise
+    with pytest.raises(vh.AdapterError, match="does not describe"):
+        vh.load_adapter(folder)

@@ -363,7 +363,15 @@ def read_config(path: str | os.PathLike) -> AdapterConfig:
 
 
 def _weights_facts(d: dict[str, Any]) -> dict[str, str]:
-    """The config fields the weights depend on (a user may edit the rest, e.g. the injection config)."""
+    """The config fields the weights depend on (a user may edit the rest, e.g. the injection config); options
+    with their defaults filled in, so a config written before an option existed compares equal to its reading."""
+    d = dict(d)
+    cls = ADAPTER_TYPES.get(d.get("adapter_type"))
+    if cls is not None and isinstance(d.get("options"), dict):
+        try:
+            d["options"] = cls.options_class.from_dict(d["options"]).to_dict()
+        except AdapterError:
+            pass  # compared as written: it differs, and the message says so
     return {k: json.dumps(d.get(k), sort_keys=True) for k in
             ("adapter_type", "dit_class", "feature_width", "caption_width", "options", "sites")}
 
