@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 p.error(f"--adapters takes NAME=PATH pairs (e.g. projection=checkpoints/toy-projection/final), got {bad}")
             cfg["adapters"] = dict(x.split("=", 1) for x in a.adapters)
-    if a.references:
+    if a.references is not None:  # 0 too: refused by the config check, not ignored
         cfg["references"] = {**cfg["references"], "count": a.references}
     if a.no_studies:
         cfg["sweep"] = cfg["conflict"] = cfg["pairs"] = None

@@ -331,6 +331,8 @@ def test_bad_steps_on_the_command_line_exit_2(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--steps", "0", "--out", str(out)]) == 2
     assert "steps must be an integer >= 1" in capsys.readouterr().err and not out.exists()
+    assert main(["--references", "0", "--out", str(out)]) == 2  # not taken for "the default"
+    assert "references.count must be an integer >= 1" in capsys.readouterr().err and not out.exists()
 
 
 # ------------------------------------------------------------------------------------------- the pipeline world
