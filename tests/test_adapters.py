@@ -34,6 +34,7 @@ def _adapters(model, family):
         "kv": vh.KVAdapter.create(model),
         "kv-double-only": vh.KVAdapter.create(model, blocks=[0, 1]),
         "lora": vh.LoRAAdapter.create(model, rank=4, alpha=8),
+        "lora-projection": vh.LoRAAdapter.create(model, rank=4, alpha=8, projection={"kind": "mlp"}),
     }
 
 
@@ -87,6 +88,15 @@ def test_resampler_and_other_widths(tmp_path):
     kw = inputs("flux")
     with pytest.raises(vh.FeatureError, match=r"width 24 .* use a trained adapter"):
         vh.apply_injection(model, _feats("flux", width=24), vh.InjectionConfig())
+    lora = vh.LoRAAdapter.create(model, 24, rank=2)  # another width: a linear projection in front
+    assert lora.config.options.projection["kind"] == "linear"
+    _perturb(lora)
+    with torch.no_grad(), vh.inject(model, _feats("flux", width=24, n=7), vh.InjectionConfig(), adapter=lora):
+        out = output(model, kw)
+    lora.save(tmp_path / "lora")
+    loaded = vh.load_adapter(tmp_path / "lora")
+    with torch.no_grad(), vh.inject(model, _feats("flux", width=24, n=7), vh.InjectionConfig(), adapter=loaded):
+        assert torch.equal(output(model, kw), out)
     for kind in ("linear", "mlp", "resampler"):
         adapter = vh.ProjectionAdapter.create(model, 24, kind=kind, num_tokens=3)
         with torch.no_grad(), vh.inject(model, _feats("flux", width=24, n=7), vh.InjectionConfig(), adapter=adapter) as h:

@@ -5,7 +5,8 @@ A plain peft LoRA installed on a block's `add_k_proj` would change the keys of e
 are not replaced. The adapter's module tree holds only the `lora_A` / `lora_B` layers: the peft wrappers (which
 hold the DiT's own projection as `base_layer`) are kept outside it, so `adapter.to(...)`, `adapter.half()` or
 `adapter.requires_grad_(...)` never reach the DiT. `lora_B` starts at zero (peft's default), so step 0 is exactly
-zero-shot. Weights are saved under peft's names without the adapter name: `<site>.<k|v>.lora_A.weight`.
+zero-shot. Weights are saved under peft's names without the adapter name: `<site>.<k|v>.lora_A.weight`. An optional
+`ProjectionAdapter` in front (as the kv adapter has) maps the features first; its weights are `projection.*`.
 """
 
 from __future__ import annotations
@@ -20,23 +21,28 @@ from torch import nn
 
 from ..errors import AdapterError
 from .base import Adapter, AdapterConfig, Options, check_state, register_adapter
+from .projection import ProjectionAdapter, ProjectionOptions
 
 PEFT_NAME = "default"  # peft's adapter name inside the wrappers (never saved)
 
 
 @dataclass
 class LoRAOptions(Options):
-    """peft's `r`, `lora_alpha` and `lora_dropout`."""
+    """peft's `r`, `lora_alpha` and `lora_dropout`. `projection`: a `ProjectionOptions` dict for a projection in
+    front of the LoRA'd K/V path (features of another width, or a trained map into caption space), or None."""
 
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
+    projection: dict | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise AdapterError(f"lora rank must be a positive int, got {self.rank!r}.")
         if not isinstance(self.alpha, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
             raise AdapterError(f"lora alpha must be a number and dropout in [0, 1), got {self.alpha!r}, {self.dropout!r}.")
+        if self.projection is not None:
+            ProjectionOptions.from_dict(self.projection)
 
 
 def _key(site_name: str, which: str) -> str:
@@ -65,25 +71,47 @@ class LoRAAdapter(Adapter):
         self._bound_to: weakref.ref | None = None
         self._pending: dict[str, torch.Tensor] | None = None  # loaded weights waiting for `bind`
         self._lora_config = LoraConfig(r=o.rank, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=["_"])
+        self.projection = None
+        if o.projection is not None:
+            self.projection = ProjectionAdapter(AdapterConfig("projection", config.dit_class, config.feature_width,
+                                                              config.caption_width, ProjectionOptions(**o.projection)))
 
     @classmethod
     def create(cls, transformer: nn.Module, feature_width: int | None = None, blocks="all", rank: int = 8,
-               alpha: float = 8.0, dropout: float = 0.0) -> "LoRAAdapter":
-        """LoRA on the text K/V projections of the blocks `blocks` selects; it takes caption-width features (put a
-        projection adapter in front for other widths)."""
+               alpha: float = 8.0, dropout: float = 0.0, projection: dict | None = None) -> "LoRAAdapter":
+        """LoRA on the text K/V projections of the blocks `blocks` selects; a `projection` (`ProjectionOptions`
+        fields) in front maps the features first (linear by default for a width other than the caption width)."""
         from ..models import family_for
 
         fam = family_for(transformer)
         sites = fam.select(transformer, blocks)
-        width = fam.caption_width(transformer)
-        if feature_width not in (None, width):
-            raise AdapterError(f"a lora adapter takes caption-width features ({width}), got feature_width "
-                               f"{feature_width}; use a kv adapter with a projection, or a projection adapter.")
-        cfg = AdapterConfig("lora", type(transformer).__name__, width, width,
-                            LoRAOptions(int(rank), float(alpha), float(dropout)), sites=[s.name for s in sites])
+        caption = fam.caption_width(transformer)
+        width = caption if feature_width is None else int(feature_width)
+        if width != caption and projection is None:
+            projection = {"kind": "linear"}
+        opts = LoRAOptions(int(rank), float(alpha), float(dropout),
+                           None if projection is None else ProjectionOptions(**projection).to_dict())
+        cfg = AdapterConfig("lora", type(transformer).__name__, width, caption, opts, sites=[s.name for s in sites])
         adapter = cls(cfg)
+        if adapter.projection is not None:
+            p = next(transformer.parameters())
+            adapter.projection.to(device=p.device, dtype=p.dtype)
         adapter.bind(fam, transformer)
         return adapter
+
+    def embed(self, family, transformer, tokens, mask, site, cache):
+        if self.projection is None:
+            return family.embed(transformer, tokens, mask, site, cache)
+        return self.projection.embed(family, transformer, tokens, mask, site, cache)
+
+    def output_mask(self, mask):
+        return mask if self.projection is None else self.projection.output_mask(mask)
+
+    def _projection_state(self) -> dict[str, torch.Tensor]:
+        """The projection's weights under their saved names, `projection.<name>`."""
+        if self.projection is None:
+            return {}
+        return {f"projection.{k}": v for k, v in self.projection.state_dict().items()}
 
     def bind(self, family, transformer) -> None:
         """Wrap the model's own K/V projections of the adapter's sites (once per model)."""
@@ -125,6 +153,7 @@ class LoRAAdapter(Adapter):
                 key = _key(name, which)
                 out[saved_name(name, which, "A")] = tuple(self.lora_A[key].weight.shape)
                 out[saved_name(name, which, "B")] = tuple(self.lora_B[key].weight.shape)
+        out.update({k: tuple(v.shape) for k, v in self._projection_state().items()})
         return out
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -138,6 +167,7 @@ class LoRAAdapter(Adapter):
                 key = _key(name, which)
                 out[saved_name(name, which, "A")] = self.lora_A[key].weight
                 out[saved_name(name, which, "B")] = self.lora_B[key].weight
+        out.update(self._projection_state())
         return out
 
     def module_state(self, state):
@@ -161,8 +191,11 @@ class LoRAAdapter(Adapter):
         r = self.config.options.rank
         names = {saved_name(s, w, ab) for s in self.config.sites for w in ("k", "v") for ab in ("A", "B")}
         shapes = {k: tuple(t.shape) for k, t in state.items()}
-        check_state(state, {k: shapes.get(k, ()) for k in names}, self.adapter_type)
-        bad = [k for k, t in state.items() if t.ndim != 2 or (t.shape[0] if ".lora_A." in k else t.shape[1]) != r]
+        expected = {k: shapes.get(k, ()) for k in names}
+        expected.update({k: tuple(v.shape) for k, v in self._projection_state().items()})  # known before binding
+        check_state(state, expected, self.adapter_type)
+        bad = [k for k, t in state.items() if k in names and
+               (t.ndim != 2 or (t.shape[0] if ".lora_A." in k else t.shape[1]) != r)]
         if bad:
             raise AdapterError(f"{bad[0]} does not have rank {r}; the file belongs to another configuration.")
         self._pending = dict(state)
