@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from .base import Adapter, AdapterConfig, Options, register_adapter
-from .projection import ProjectionAdapter, ProjectionOptions
+from .projection import ProjectionAdapter, ProjectionInFront, ProjectionOptions
 
 
 def _key(site_name: str) -> str:
@@ -36,7 +36,7 @@ class KVOptions(Options):
 
 
 @register_adapter("kv")
-class KVAdapter(Adapter):
+class KVAdapter(ProjectionInFront, Adapter):
     """Own `to_k` / `to_v` per site, trained on the injected tokens only."""
 
     options_class = KVOptions
@@ -79,13 +79,6 @@ class KVAdapter(Adapter):
         p = next(transformer.parameters())
         return adapter.to(device=p.device, dtype=p.dtype)
 
-    def embed(self, family, transformer, tokens, mask, site, cache):
-        if self.projection is None:
-            return family.embed(transformer, tokens, mask, site, cache)
-        return self.projection.embed(family, transformer, tokens, mask, site, cache)
-
-    def output_mask(self, mask):
-        return mask if self.projection is None else self.projection.output_mask(mask)
 
     def kv(self, call):
         x = call.family.text_input(call)  # [R, N, D]

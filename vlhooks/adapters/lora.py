@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from .base import Adapter, AdapterConfig, Options, check_state, register_adapter
-from .projection import ProjectionAdapter, ProjectionOptions
+from .projection import ProjectionAdapter, ProjectionInFront, ProjectionOptions
 
 PEFT_NAME = "default"  # peft's adapter name inside the wrappers (never saved)
 
@@ -56,7 +56,7 @@ def saved_name(site_name: str, which: str, ab: str) -> str:
 
 
 @register_adapter("lora")
-class LoRAAdapter(Adapter):
+class LoRAAdapter(ProjectionInFront, Adapter):
     """LoRA deltas on the K/V projections of chosen blocks, applied to injected tokens only."""
 
     options_class = LoRAOptions
@@ -99,13 +99,6 @@ class LoRAAdapter(Adapter):
         adapter.bind(fam, transformer)
         return adapter
 
-    def embed(self, family, transformer, tokens, mask, site, cache):
-        if self.projection is None:
-            return family.embed(transformer, tokens, mask, site, cache)
-        return self.projection.embed(family, transformer, tokens, mask, site, cache)
-
-    def output_mask(self, mask):
-        return mask if self.projection is None else self.projection.output_mask(mask)
 
     def _projection_state(self) -> dict[str, torch.Tensor]:
         """The projection's weights under their saved names, `projection.<name>`."""

@@ -168,3 +168,18 @@ class ProjectionAdapter(Adapter):
 
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+
+class ProjectionInFront:
+    """Mixin of the adapters whose features may pass a `ProjectionAdapter` first (`projection`, None: none): their
+    embedding and its mask go through it, then the DiT's own caption path."""
+
+    projection: ProjectionAdapter | None
+
+    def embed(self, family, transformer, tokens, mask, site, cache):
+        if self.projection is None:
+            return family.embed(transformer, tokens, mask, site, cache)
+        return self.projection.embed(family, transformer, tokens, mask, site, cache)
+
+    def output_mask(self, mask):
+        return mask if self.projection is None else self.projection.output_mask(mask)
