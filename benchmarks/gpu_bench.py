@@ -211,6 +211,17 @@ def rnd(*shape, dtype=None):
     return torch.randn(*shape, device=DEV, dtype=dtype or DT)
 
 
+def paired(key: str, r: dict[str, list[float]], ours: str, other: str) -> None:
+    """Per repeat, one variant's ratio minus another's (the same plain timing under both): median and min-max."""
+    if ours not in r or other not in r:
+        return
+    d = [a - b for a, b in zip(r[ours], r[other])]
+    RESULTS[key + "_median"] = round(statistics.median(d), 4)
+    RESULTS[key + "_minmax"] = [round(min(d), 4), round(max(d), 4)]
+    RESULTS[key + "_below_every_repeat"] = all(x < 0 for x in d)
+    print(f"{key}: median {statistics.median(d):+.4f} [{min(d):+.4f}, {max(d):+.4f}]", flush=True)
+
+
 def injection_variant(key, label, m, feats, cfg=None, adapter=None, env=None):
     """A variant that patches `m` in its setup and removes the patch in its teardown."""
     state = {}
@@ -295,6 +306,8 @@ def zimage():
     variants = [
         dict(injection_variant("zimage_joint_64_ratio", "Z-Image joint 64 tok x 30 blocks", m, f64,
                                vh.InjectionConfig()), fn=fwd),
+        dict(injection_variant("zimage_joint_64_twopass_ratio", "Z-Image joint 64, zero keys off (two-pass kernel)",
+                               m, f64, vh.InjectionConfig(), env={"VLHOOKS_PAD_KEYS": "0"}), fn=fwd),
         dict(injection_variant("zimage_joint_64_concat_ratio", "Z-Image joint 64, two-pass kernel off", m, f64,
                                vh.InjectionConfig(), env={"VLHOOKS_FUSED_ATTENTION": "0"}), fn=fwd),
         dict(injection_variant("zimage_multiref_4x64_ratio", "Z-Image 4 refs x 64 tok, quadrant masks, 30 blocks",
@@ -302,7 +315,8 @@ def zimage():
         dict(injection_variant("zimage_multiref_4x64_concat_ratio", "Z-Image 4 x 64 masked, two-pass kernel off",
                                m, refs, vh.InjectionConfig(), env={"VLHOOKS_FUSED_ATTENTION": "0"}), fn=fwd),
     ]
-    group("zimage", fwd, variants)
+    r = group("zimage", fwd, variants)
+    paired("zimage_zero_keys_minus_twopass", r, "zimage_joint_64_ratio", "zimage_joint_64_twopass_ratio")
     peak_memory("zimage_joint_64_peak_memory_ratio", fwd,
                 lambda: vh.apply_injection(m, f64, vh.InjectionConfig()), fwd)
     peak_memory("zimage_multiref_4x64_peak_memory_ratio", fwd,
@@ -383,17 +397,10 @@ def flux():
                                m, vh.VLFeatures(emb), None, adapter=imported), fn=fwd),
     ]
     r = group("flux", fwd, variants)
-    for ours, peer, key in (("flux_vlhooks_ipadapter_ratio", "flux_diffusers_ipadapter_ratio",
-                             "flux_vlhooks_minus_diffusers_ipadapter"),
-                            ("flux_imported_ipadapter_vlhooks_ratio", "flux_imported_ipadapter_diffusers_ratio",
-                             "flux_imported_vlhooks_minus_diffusers")):
-        if ours not in r or peer not in r:
-            continue
-        d = [a - b for a, b in zip(r[ours], r[peer])]  # per repeat: the same plain timing under both
-        RESULTS[key + "_median"] = round(statistics.median(d), 4)
-        RESULTS[key + "_minmax"] = [round(min(d), 4), round(max(d), 4)]
-        RESULTS[key + "_below_every_repeat"] = all(x < 0 for x in d)
-        print(f"{key}: median {statistics.median(d):+.4f} [{min(d):+.4f}, {max(d):+.4f}]", flush=True)
+    paired("flux_vlhooks_minus_diffusers_ipadapter", r, "flux_vlhooks_ipadapter_ratio",
+           "flux_diffusers_ipadapter_ratio")
+    paired("flux_imported_vlhooks_minus_diffusers", r, "flux_imported_ipadapter_vlhooks_ratio",
+           "flux_imported_ipadapter_diffusers_ratio")
     peak_memory("flux_joint_57_128_peak_memory_ratio", fwd, lambda: vh.apply_injection(m, feats, vh.InjectionConfig()),
                 fwd)
     del kv, imported
