@@ -306,8 +306,6 @@ def zimage():
     variants = [
         dict(injection_variant("zimage_joint_64_ratio", "Z-Image joint 64 tok x 30 blocks", m, f64,
                                vh.InjectionConfig()), fn=fwd),
-        dict(injection_variant("zimage_joint_64_twopass_ratio", "Z-Image joint 64, zero keys off (two-pass kernel)",
-                               m, f64, vh.InjectionConfig(), env={"VLHOOKS_PAD_KEYS": "0"}), fn=fwd),
         dict(injection_variant("zimage_joint_64_concat_ratio", "Z-Image joint 64, two-pass kernel off", m, f64,
                                vh.InjectionConfig(), env={"VLHOOKS_FUSED_ATTENTION": "0"}), fn=fwd),
         dict(injection_variant("zimage_multiref_4x64_ratio", "Z-Image 4 refs x 64 tok, quadrant masks, 30 blocks",
@@ -315,8 +313,7 @@ def zimage():
         dict(injection_variant("zimage_multiref_4x64_concat_ratio", "Z-Image 4 x 64 masked, two-pass kernel off",
                                m, refs, vh.InjectionConfig(), env={"VLHOOKS_FUSED_ATTENTION": "0"}), fn=fwd),
     ]
-    r = group("zimage", fwd, variants)
-    paired("zimage_zero_keys_minus_twopass", r, "zimage_joint_64_ratio", "zimage_joint_64_twopass_ratio")
+    group("zimage", fwd, variants)
     peak_memory("zimage_joint_64_peak_memory_ratio", fwd,
                 lambda: vh.apply_injection(m, f64, vh.InjectionConfig()), fwd)
     peak_memory("zimage_multiref_4x64_peak_memory_ratio", fwd,

@@ -6,8 +6,7 @@
   merged by `lerp(o_main, o_extra, sigmoid(lse_extra - lse_main))` (checked against the concatenated attention).
 
     python benchmarks/micro_attention.py          # everything above
-    python benchmarks/micro_attention.py fused    # only: vlhooks' two-pass kernel and zero-key form against the
-                                                  # concatenation
+    python benchmarks/micro_attention.py fused    # only: vlhooks' two-pass kernel against the concatenation
 """
 
 from __future__ import annotations
@@ -155,17 +154,8 @@ def fused():
                     0, 0, 0, 0, 0, Hh, Lq, ke.shape[1], D ** -0.5 * 1.4426950408889634, HEAD_DIM=D, HAS_KB=False,
                     HAS_QW=False)
 
-            n_zero = -(L + n) % 128
-            kp = torch.cat([k, ke, torch.zeros(1, n_zero, H, 128, device=DEV, dtype=DT)], 1)
-            vp = torch.cat([v, ve, torch.zeros(1, n_zero, H, 128, device=DEV, dtype=DT)], 1)
-
-            def padded():  # zero keys to a multiple of 128, their share taken out by the LSE (buffers prebuilt)
-                return fused_attention.padded_attention(q, kp, vp, n_zero)
-
             with torch.no_grad():
                 err = (two_pass().float() - concat().transpose(1, 2).float()).abs().max().item()
-                err_pad = (padded().float() - concat().transpose(1, 2).float()).abs().max().item()
-                t_pad = timeit(padded)
                 t_kernel = timeit(kernel_only)
                 t_main = timeit(lambda: fused_attention._main_pass(q.transpose(1, 2), k.transpose(1, 2),
                                                                    v.transpose(1, 2)))
@@ -175,39 +165,11 @@ def fused():
             print(f"  {model} {L}+{n}: plain {t_plain:6.1f}  concatenated {t_cat:6.1f}  two-pass {t_two:6.1f} us "
                   f"(+{t_cat - t_plain:5.1f} vs +{t_two - t_plain:5.1f}; main pass with LSE {t_main:6.1f}, kernel "
                   f"{t_kernel:5.1f}); max diff {err:.1e}; "
-                  f"pays_off={fused_attention.pays_off(L, n)}; zero keys +{n_zero}: {t_pad:6.1f} us "
-                  f"(+{t_pad - t_plain:5.1f}), max diff {err_pad:.1e}", flush=True)
+                  f"pays_off={fused_attention.pays_off(L, n)}", flush=True)
     sys.stdout.flush()
-
-
-def zero_keys():
-    """Where the zero-key form's time goes (Z-Image's 4224 own keys, 30 heads): SDPA and cuDNN with its LSE at
-    4224 / 4288 / 4352 keys, and the correction (`without_zero_keys`) alone on cuDNN's output layout."""
-    from vlhooks import fused_attention
-
-    print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
-    H = 30
-    q = torch.randn(1, 4224, H, 128, device=DEV, dtype=DT)
-    with torch.no_grad():
-        for S in (4224, 4288, 4352):
-            k = torch.randn(1, S, H, 128, device=DEV, dtype=DT)
-            v = torch.randn(1, S, H, 128, device=DEV, dtype=DT)
-            t_sdpa = timeit(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                                   v.transpose(1, 2)))
-            t_lse = timeit(lambda: fused_attention._main_pass(q.transpose(1, 2), k.transpose(1, 2),
-                                                              v.transpose(1, 2)))
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                t_cudnn = timeit(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                                        v.transpose(1, 2)))
-            o, lse = fused_attention._main_pass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            t_fix = timeit(lambda: fused_attention.without_zero_keys(o, lse, 64))
-            t_pad = timeit(lambda: fused_attention.padded_attention(q, k, v, 64))
-            print(f"  keys {S}: sdpa {t_sdpa:6.1f}  sdpa(cudnn) {t_cudnn:6.1f}  cudnn+lse {t_lse:6.1f}  "
-                  f"correction {t_fix:5.1f}  padded_attention {t_pad:6.1f} us; out strides {o.stride()}",
-                  flush=True)
 
 
 if __name__ == "__main__":
     import sys
 
-    {"fused": fused, "zero_keys": zero_keys}.get(sys.argv[1] if sys.argv[1:] else "", main)()
+    fused() if sys.argv[1:] == ["fused"] else main()

@@ -77,36 +77,6 @@ def test_captured_modulation_and_cached_norm_equal_recomputing(family, mode, mon
     assert torch.equal(fast, _run(family, cfg, batch=2))
 
 
-def _math_main_pass(q, k, v):
-    """What `fused_attention._main_pass` returns (cuDNN on CUDA), in float64 on the CPU: softmax attention of
-    `[B, H, L, Dh]` q over k, v and its log-sum-exp `[B, H, L]`."""
-    s = q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5
-    return (s.softmax(-1) @ v.double()).to(q.dtype), s.logsumexp(-1).float()
-
-
-@pytest.mark.parametrize("family", ["flux", "z_image", "qwen_image"])
-def test_zero_key_padding_equals_the_general_path(family, monkeypatch):
-    """The zero-key form (`fused_attention.padded_attention`, CUDA only: cuDNN over keys padded to a multiple of
-    128 with zero keys, their share taken out by the log-sum-exp), run here on the CPU with the attention in
-    float64 and a tile of 16: in every block that takes it (each family's buffers, concatenations and RoPE identity
-    rows) the model's output equals the general path's concatenation without zero keys."""
-    from vlhooks import fused_attention
-
-    general = _run(family)  # on the CPU no block pads: the paths test_joint_fast_paths_equal_general_path checks
-    pads = []
-    monkeypatch.setattr(fused_attention, "zero_keys", lambda backend, like, n_keys, ek: pads.append(
-        -n_keys % 16 or 16) or pads[-1])
-    monkeypatch.setattr(fused_attention, "_main_pass", _math_main_pass)
-    padded = _run(family)
-    n_blocks = {"flux": 4, "z_image": 2, "qwen_image": 2}[family]
-    assert len(pads) == n_blocks and all(p > 0 for p in pads), pads  # every patched block took the form
-    assert (padded - general).abs().max().item() < 1e-5 * general.abs().max().item()
-    # and nothing pads where a strength gates the extras (the form needs every strength 1)
-    pads.clear()
-    _run(family, vh.InjectionConfig(scale=0.5))
-    assert not pads
-
-
 def test_flux_rope_into_and_identity_rows_are_exact():
     torch.manual_seed(0)
     x = torch.randn(1, 7, 2, 8)

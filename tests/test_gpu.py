@@ -55,40 +55,6 @@ def test_two_pass_kernel_equals_concatenated_attention(B, L, H, D, N, extra_rows
     assert (main_only - ref).abs().max().item() > 50 * err  # the extra keys matter far beyond the error
 
 
-@pytest.mark.parametrize("B,L,H,D,N", [(1, 1152, 4, 128, 64), (2, 1024, 3, 64, 200), (1, 4224, 2, 128, 64)])
-def test_zero_key_padding_equals_concatenated_attention(B, L, H, D, N):
-    """`padded_attention`: cuDNN over `[k; ek; zero keys]` up to a multiple of 128 with the zero keys' share taken
-    out by the log-sum-exp, against float64 softmax over `[k; ek]`: as close as SDPA on the concatenation."""
-    g = torch.Generator(DEV).manual_seed(0)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, device=DEV, dtype=DT)
-
-    q, k, v = rnd(B, L, H, D), rnd(B, L, H, D), rnd(B, L, H, D)
-    ek, ev = rnd(1, N, H, D) * 2, rnd(1, N, H, D)
-    with torch.no_grad():
-        n_zero = fused_attention.zero_keys(None, q, L + N, ek)
-        assert n_zero == -(L + N) % 128 and n_zero > 0
-        zeros = torch.zeros(B, n_zero, H, D, device=DEV, dtype=DT)
-        kp = torch.cat([k, ek.expand(B, -1, -1, -1), zeros], 1)
-        vp = torch.cat([v, ev.expand(B, -1, -1, -1), zeros], 1)
-        got = fused_attention.padded_attention(q, kp, vp, n_zero)
-        concat = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), kp[:, :L + N].transpose(1, 2), vp[:, :L + N].transpose(1, 2)).transpose(1, 2)
-        uncorrected = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2)).transpose(1, 2)
-        out, lse = fused_attention._main_pass(q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2))
-        torch_form = fused_attention.without_zero_keys(out.clone(), lse, n_zero).transpose(1, 2)
-    ref = _reference(q, k, v, ek, ev)
-    assert got.shape == (B, L, H, D) and torch.isfinite(got).all()
-    err, err_concat = (got.double() - ref).abs().max().item(), (concat.double() - ref).abs().max().item()
-    ulp = 2.0 ** (math.floor(math.log2(ref.abs().max().item())) - 7)  # bf16's spacing at the largest output
-    assert err <= err_concat + ulp, (err, err_concat, ulp)  # one rounding more than the concatenation's
-    rel = lambda a: ((a.double() - ref).norm() / ref.norm()).item()  # noqa: E731
-    assert rel(uncorrected) > 5 * rel(got), (rel(uncorrected), rel(got))  # the zero keys' share was real
-    assert (got.double() - torch_form.double()).abs().max().item() <= ulp  # the kernel = without_zero_keys
-
-
 def _biased_reference(q, k, v, ek, ev, bias):
     """float64 softmax attention of `q` over `[k; ek]` with `bias` `[B, L, N]` on the extra keys only."""
     B, L = q.shape[0], k.shape[1]
@@ -233,34 +199,30 @@ def _plain_features(width, dtype):
     return vh.VLFeatures(tokens.to(dtype))
 
 
-_ROUTES = {"plain": (_plain_features, "always", "joint_attention"),
-           "plain-zero-keys": (_plain_features, "1", "padded_attention"),
-           "masked": (_masked_references, "1", "joint_attention")}
+_REFS = {"plain": (_plain_features, "always"), "masked": (_masked_references, "1")}
 _BUILDS = {"z_image": _zimage, "flux": _flux, "qwen_image": _qwen_image, "flux2": _flux2}
 
 
-# Flux.2 takes the two-pass kernel alone (the zero-key form measured slower there: benchmarks/NOTES.md section 11),
-# and not `masked`: at half strength and half the image each, the two references change its tiny first block by only
-# 3.5x the bf16 error of the concatenation itself (the premise below needs 5x)
-@pytest.mark.parametrize("build,refs,env,route", [
-    pytest.param(_BUILDS[b], *_ROUTES[r], id=f"{r}-{b}") for r in _ROUTES for b in _BUILDS
-    if not (b == "flux2" and r != "plain")])
-def test_processors_take_the_kernel_and_agree_with_the_concatenation(build, refs, env, route, monkeypatch):
+# Flux.2 not `masked`: at half strength and half the image each, the two references change its tiny first block by
+# only 3.5x the bf16 error of the concatenation itself (the premise below needs 5x)
+@pytest.mark.parametrize("build,refs,env", [
+    pytest.param(_BUILDS[b], *_REFS[r], id=f"{r}-{b}") for r in _REFS for b in _BUILDS
+    if not (b == "flux2" and r == "masked")])
+def test_processors_take_the_kernel_and_agree_with_the_concatenation(build, refs, env, monkeypatch):
     """The first patched block's attention output, bf16 through the kernel and bf16 through the concatenation,
     each against the same block in float32 (where the kernel does not apply): the kernel's path must be as close to
     it as the concatenation's, and far closer than leaving the extra keys out. Later blocks run too (every patched
     block takes the kernel) but are not compared: there bf16 drift of the whole model masks the attention.
-    `plain`: the two-pass kernel forced (`always`); `plain-zero-keys`: nothing biased, by default, the zero-key
-    form (`padded_attention`); `masked`: two references with spatial masks and strengths take the kernel by default
-    (its bias)."""
+    `plain`: the kernel forced (`always`); `masked`: two references with spatial masks and strengths take the
+    kernel by default (its bias)."""
     model, run, width = build()
     first = family_for(model).sites(model)[0].attention(model)
     seen = []
     first.register_forward_hook(lambda m, a, out: seen.append(
         torch.cat([o.flatten() for o in out]) if isinstance(out, tuple) else out.flatten()))
     calls = []
-    real = getattr(fused_attention, route)
-    monkeypatch.setattr(fused_attention, route, lambda *a: calls.append(1) or real(*a))
+    real = fused_attention.joint_attention
+    monkeypatch.setattr(fused_attention, "joint_attention", lambda *a: calls.append(1) or real(*a))
     cfg = vh.InjectionConfig(guidance="none")
     with torch.no_grad():
         plain_out = run()

@@ -250,40 +250,16 @@ def plain_joint(call: BlockCall, batch: int, base_mask: torch.Tensor | None) -> 
     return batch == 1 and appendable(call, base_mask)
 
 
-def joint_buffers(like: torch.Tensor, length: int, call: BlockCall, n_zero: int = 0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[1, length + N + n_zero, H, Dh]` key and value buffers whose rows after the first `length` already hold
-    the extra K/V and then `n_zero` zero rows (for `fused_attention.padded_attention`); the block writes its own
-    `length` rows in place, which saves concatenating K and V afterwards."""
+def joint_buffers(like: torch.Tensor, length: int, call: BlockCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[1, length + N, H, Dh]` key and value buffers whose last `N` rows already hold the extra K/V; the block
+    writes its own `length` rows in place, which saves concatenating K and V afterwards."""
     ek, ev = call.extra_kv()
     n, H, D = ek.shape[1], ek.shape[2], ek.shape[3]
-    kbuf = like.new_empty(1, length + n + n_zero, H, D)
-    vbuf = like.new_empty(1, length + n + n_zero, H, D)
-    kbuf[:, length:length + n].copy_(ek)
-    vbuf[:, length:length + n].copy_(ev)
-    if n_zero:
-        kbuf[:, length + n:].zero_()
-        vbuf[:, length + n:].zero_()
+    kbuf = like.new_empty(1, length + n, H, D)
+    vbuf = like.new_empty(1, length + n, H, D)
+    kbuf[:, length:].copy_(ek)
+    vbuf[:, length:].copy_(ev)
     return kbuf, vbuf
-
-
-def padded_keys(call: BlockCall, backend, like: torch.Tensor, length: int, base_mask: torch.Tensor | None) -> int:
-    """The zero keys `fused_attention.padded_attention` appends to a joint call with nothing to gate
-    (`appendable`) over `length` keys of the block's own; 0 where that form does not serve (`zero_keys`)."""
-    if not appendable(call, base_mask):
-        return 0
-    ek = call.extra_kv()[0]
-    return fused_attention.zero_keys(backend, like, length + ek.shape[1], ek)
-
-
-def with_extras(own: list[torch.Tensor], extra: torch.Tensor, n_zero: int) -> torch.Tensor:
-    """`[*own, extra, zeros]` along the sequence (`[B, L_i, H, Dh]` parts, `extra` `[1 or B, N, H, Dh]`, then
-    `n_zero` zero rows): a block's keys or values with the extras appended in the concatenation it makes anyway."""
-    B = own[0].shape[0]
-    parts = [*own, extra.to(own[0].dtype).expand(B, -1, -1, -1)]
-    if n_zero:
-        parts.append(own[0].new_zeros(B, n_zero, *own[0].shape[2:]))
-    return torch.cat(parts, dim=1)
 
 
 def can_write_into(linear: torch.nn.Module, x: torch.Tensor) -> bool:

@@ -13,22 +13,11 @@ logit bias on the extra keys alone, applied inside the extra pass, so the main p
 Used by the family processors for joint mode on every row with no mask of the block's own
 (`attention.fused_joint`), eager inference on CUDA, when `pays_off`; everything else, and any machine without
 Triton, takes the concatenation. `VLHOOKS_FUSED_ATTENTION=0` switches it off.
-
-Where nothing is biased (every strength 1, no padding, no mask) a cheaper form serves instead: the keys are padded
-with zero keys (and zero values) to the next multiple of 128, which keeps cuDNN on its full tiles, and the zero
-keys' share is taken out of the result by the log-sum-exp: each zero key adds `exp(0) = 1` to the softmax's
-denominator and nothing to its numerator, so with `P` of them
-
-    o = o_padded * Z_padded / (Z_padded - P) = o_padded * (1 + 1 / expm1(lse_padded - log P))
-
-exactly (one rounding more than cuDNN's own: about one bf16 ulp). `padded_attention`; `VLHOOKS_PAD_KEYS=0` switches
-it off (then the two-pass kernel serves where it pays off).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -201,83 +190,4 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch
                  o1.stride(0), o1.stride(2), o1.stride(1), lse1.stride(0), lse1.stride(1), lse1.stride(2),
                  out.stride(0), out.stride(1), out.stride(2), *skb, *sqw,
                  H, Lq, N, D ** -0.5 * 1.4426950408889634, HEAD_DIM=D, HAS_KB=has_kb, HAS_QW=has_qw)
-    return out
-
-
-ZERO_KEY_TILE = 128  # cuDNN's key tile on Hopper: key lengths off a multiple of it cost ~10 % more per call
-
-
-def zero_keys(backend, like: torch.Tensor, n_keys: int, extra_k: torch.Tensor) -> int:
-    """How many zero keys `padded_attention` appends to `n_keys` keys (the block's own and the extra ones) in a
-    call with nothing biased: enough to reach a multiple of 128, or 0 where this form does not serve (not CUDA
-    inference in bf16 / fp16 with diffusers' default attention backend `backend` None, switched off by
-    `VLHOOKS_PAD_KEYS=0` or `VLHOOKS_FUSED_ATTENTION=0`, or `VLHOOKS_FUSED_ATTENTION=always`, which asks for the
-    two-pass kernel), or a head size other than 64 / 128. `like` is the block's query or input `[B, L, ...]`."""
-    mode = os.environ.get("VLHOOKS_FUSED_ATTENTION", "1")
-    if (backend is not None or mode in ("0", "always") or os.environ.get("VLHOOKS_PAD_KEYS", "1") == "0"
-            or not like.is_cuda or like.dtype not in (torch.bfloat16, torch.float16)
-            or extra_k.shape[-1] not in (64, 128) or torch.is_grad_enabled() or torch.compiler.is_compiling()):
-        return 0
-    return -n_keys % ZERO_KEY_TILE
-
-
-def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_zero: int) -> torch.Tensor:
-    """Softmax attention of `q` over `k, v` without their last `n_zero` rows, which must be zero keys and values
-    (see the module docstring): one cuDNN call over all of them with its log-sum-exp, then the zero keys' share of
-    the denominator taken out. `q` `[B, Lq, H, Dh]`, `k, v` `[B, S + n_zero, H, Dh]`; returns `[B, Lq, H, Dh]` (a
-    view of cuDNN's output, in the layout the block's output projection reads)."""
-    out, lse = _main_pass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, Lq, Dh], [B, H, Lq]
-    kernel = _zero_key_kernel() if out.is_cuda and n_zero else None
-    if kernel is None:
-        return without_zero_keys(out, lse, n_zero).transpose(1, 2)
-    B, H, Lq, D = out.shape
-
-    def grid(meta):
-        return (-(-Lq // meta["BLOCK_L"]), B * H)  # 64 rows of one (batch row, head) a program
-
-    kernel[grid](out, lse, *out.stride()[:3], *lse.stride(), H, Lq, math.log(n_zero), HEAD_DIM=D, BLOCK_L=64,
-                 num_warps=4)
-    return out.transpose(1, 2)
-
-
-@functools.lru_cache(maxsize=1)
-def _zero_key_kernel():
-    """`without_zero_keys` as one Triton kernel, in place (None where Triton is missing). PyTorch's elementwise
-    `addcmul_` takes ~100 us on Z-Image's `[1, 30, 4224, 128]` (cuDNN's output is `[B, L, H, Dh]` in memory, the
-    per-row factor `[B, H, L]`: a broadcast over a permuted layout, not vectorised); this reads and writes each row
-    once. The factor `d = 1 / (exp(lse - log P) - 1)` is computed per row in float32 (`exp - 1` rather than
-    `expm1`: relative error ~1e-7 / (lse - log P), below bf16's rounding unless the zero keys hold nearly all of
-    the softmax's mass, i.e. every real score far below 0)."""
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:
-        return None
-
-    @triton.jit  # no autotuning: it would run the in-place kernel several times over the same output
-    def drop_zero_keys(O, LSE, so_b, so_h, so_l, sl_b, sl_h, sl_l, H, L, LOG_P, HEAD_DIM: tl.constexpr,
-                       BLOCK_L: tl.constexpr):
-        pid_l, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-        keep = rows < L
-        lse = tl.load(LSE + b * sl_b + h * sl_h + rows * sl_l, mask=keep, other=0.0).to(tl.float32)
-        d = 1.0 / (tl.exp(lse - LOG_P) - 1.0)  # n_zero / (Z - n_zero)
-        ptr = O + b * so_b + h * so_h + rows[:, None] * so_l + tl.arange(0, HEAD_DIM)[None, :]
-        o = tl.load(ptr, mask=keep[:, None], other=0.0).to(tl.float32)
-        tl.store(ptr, (o + o * d[:, None]).to(O.dtype.element_ty), mask=keep[:, None])
-
-    return drop_zero_keys
-
-
-def without_zero_keys(out: torch.Tensor, lse: torch.Tensor, n_zero: int) -> torch.Tensor:
-    """Softmax attention's output `out` `[B, H, L, Dh]` over keys whose last `n_zero` are zero keys with zero
-    values, and its log-sum-exp `lse` `[B, H, L]` (natural log), turned in place into the output without them:
-    the softmax denominator is `Z = exp(lse)`, of which the zero keys' part is `n_zero` (`exp(0)` each), so
-    `out * Z / (Z - n_zero) = out + out * d` with `d = n_zero / (Z - n_zero) = 1 / expm1(lse - log n_zero)`. `d`
-    is small, so it loses nothing in `out`'s dtype, and one `addcmul_` in that dtype (float arithmetic, one
-    rounding) stays in place. The CPU form and the reference of the CUDA kernel (`_zero_key_kernel`)."""
-    if n_zero:
-        d = torch.expm1(lse.to(torch.promote_types(lse.dtype, torch.float32)) - math.log(n_zero)).reciprocal_()
-        out.addcmul_(out, d.to(out.dtype).unsqueeze(-1))  # d: [B, H, L]
     return out

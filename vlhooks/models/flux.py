@@ -35,7 +35,6 @@ from ..attention import (
     fused_serves,
     joint_buffers,
     linear_into,
-    padded_keys,
     plain_joint,
 )
 from .base import DoubleSingleStreamFamily, PromptEmbeds, arg, register_family, rows_of, true_cfg_guidance
@@ -87,10 +86,8 @@ class FluxInjectionProcessor(FluxAttnProcessor):
             return self._single_joint(attn, hidden_states, image_rotary_emb, call)
         one_concat = (own and encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
                       and appendable(call, attention_mask))
-        n_own = encoder_hidden_states.shape[1] + hidden_states.shape[1] if one_concat else 0
-        # on CUDA [txt, img, extra] padded with zero keys to a multiple of 128 (fused_attention.padded_attention)
-        n_zero = padded_keys(call, self._attention_backend, hidden_states, n_own, attention_mask) if one_concat else 0
-        fused = one_concat and not n_zero and self._fused(hidden_states, n_own, ek)
+        fused = one_concat and self._fused(hidden_states, encoder_hidden_states.shape[1] + hidden_states.shape[1],
+                                           ek)
         one_concat = one_concat and not fused
 
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
@@ -113,24 +110,21 @@ class FluxInjectionProcessor(FluxAttnProcessor):
             encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
             query = torch.cat([encoder_query, query], dim=1)  # [txt, img]
             if one_concat:  # [txt, img, extra]: what attend_with_extras builds, with one copy instead of two
-                zero = [key.new_zeros(key.shape[0], n_zero, *key.shape[2:])] if n_zero else []
-                key = torch.cat([encoder_key, key, ek.to(key.dtype), *zero], dim=1)
-                value = torch.cat([encoder_value, value, ev.to(value.dtype), *zero], dim=1)
+                key = torch.cat([encoder_key, key, ek.to(key.dtype)], dim=1)
+                value = torch.cat([encoder_value, value, ev.to(value.dtype)], dim=1)
             else:
                 key = torch.cat([encoder_key, key], dim=1)
                 value = torch.cat([encoder_value, value], dim=1)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             if one_concat:
-                rope = _with_identity_rows(image_rotary_emb, ek.shape[1] + n_zero, call)
+                rope = _with_identity_rows(image_rotary_emb, ek.shape[1], call)
                 key = apply_rotary_emb(key, rope, sequence_dim=1)
             else:
                 key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         if fused:  # two passes merged in one kernel (see fused_attention)
             hidden_states = fused_attention.joint_attention(query, key, value, ek, ev)
-        elif one_concat and n_zero:
-            hidden_states = fused_attention.padded_attention(query, key, value, n_zero)
         elif one_concat:
             hidden_states = self._sdpa(query, key, value, None)
         elif not own:
@@ -149,21 +143,17 @@ class FluxInjectionProcessor(FluxAttnProcessor):
         query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim)))
         ek, ev = call.extra_kv()
-        n_zero = padded_keys(call, self._attention_backend, hidden_states, L, None)
-        if not n_zero and self._fused(hidden_states, L, ek):  # two passes merged in one kernel (see fused_attention)
+        if self._fused(hidden_states, L, ek):  # two passes merged in one kernel (see fused_attention)
             value = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
             out = fused_attention.joint_attention(query, key, value, ek, ev)
             return out.flatten(2, 3).to(query.dtype)
-        kbuf, vbuf = joint_buffers(key, L, call, n_zero)  # zero keys up to a multiple of 128 on CUDA
+        kbuf, vbuf = joint_buffers(key, L, call)
         linear_into(vbuf[:, :L].flatten(2), hidden_states, attn.to_v)
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         _rope_into(kbuf[:, :L], key, image_rotary_emb)
-        if n_zero:
-            out = fused_attention.padded_attention(query, kbuf, vbuf, n_zero)
-        else:
-            out = self._sdpa(query, kbuf, vbuf, None)
+        out = self._sdpa(query, kbuf, vbuf, None)
         return out.flatten(2, 3).to(query.dtype)
 
     def _fused(self, like, length, extra_k) -> bool:

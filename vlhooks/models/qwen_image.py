@@ -42,8 +42,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 from torch import nn
 
-from .. import fused_attention
-from ..attention import BlockCall, attend_with_extras, fused_joint, fused_serves, padded_keys, with_extras
+from ..attention import BlockCall, attend_with_extras, fused_joint, fused_serves
 from ..errors import ConfigError, TargetError
 from .base import DiTFamily, PromptEmbeds, Site, arg, grid_of, per_reference, register_family, rows_of, true_cfg_guidance
 
@@ -112,19 +111,13 @@ class QwenImageInjectionProcessor(QwenDoubleStreamAttnProcessor2_0):
             txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
             txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
         query = torch.cat([txt_query, img_query], dim=1)  # [B, L, H, Dh], L = L_txt + L_img
-        n_zero = padded_keys(call, self._attention_backend, query, query.shape[1], mask)
-        if n_zero:  # [txt, img, extra, zero keys to a multiple of 128] in the one concatenation (fused_attention)
-            ek, ev = call.extra_kv()
-            key = with_extras([txt_key, img_key], ek, n_zero)
-            value = with_extras([txt_value, img_value], ev, n_zero)
-            out = fused_attention.padded_attention(query, key, value, n_zero)
+        key = torch.cat([txt_key, img_key], dim=1)
+        value = torch.cat([txt_value, img_value], dim=1)
+
+        if fused_serves(call, self._attention_backend, query, key.shape[1], mask):  # two passes (fused_attention)
+            out = fused_joint(query, key, value, call)
         else:
-            key = torch.cat([txt_key, img_key], dim=1)
-            value = torch.cat([txt_value, img_value], dim=1)
-            if fused_serves(call, self._attention_backend, query, key.shape[1], mask):  # two passes
-                out = fused_joint(query, key, value, call)
-            else:
-                out = attend_with_extras(query, key, value, mask, call, self._sdpa, seq_dim=1)
+            out = attend_with_extras(query, key, value, mask, call, self._sdpa, seq_dim=1)
         out = out.flatten(2, 3).to(query.dtype)  # [B, L, H * Dh]
         txt_out, img_out = out[:, :seq_txt, :], out[:, seq_txt:, :]
         img_out = attn.to_out[0](img_out.contiguous())

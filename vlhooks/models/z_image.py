@@ -19,9 +19,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 from torch import nn
 
-from .. import fused_attention
 from ..attention import (BlockCall, attend_with_extras, can_write_into, fused_joint, fused_serves, joint_buffers,
-                         linear_into, padded_keys, plain_joint)
+                         linear_into, plain_joint)
 from ..errors import TargetError
 from .base import DiTFamily, PromptEmbeds, Site, arg, per_reference, register_family, rows_of
 
@@ -62,18 +61,14 @@ class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
         L = hidden_states.shape[1]
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # [B, L, H, Dh]
         key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-        # with nothing to gate the block writes its own K/V straight into [1, L + N] buffers (no concat), on CUDA
-        # padded with zero keys to a multiple of 128 (fused_attention.padded_attention); otherwise, joint on every
-        # row, two passes merged in one kernel on CUDA where that pays (strengths and spatial masks as its bias;
-        # see attention.fused_serves)
-        plain = (freqs_cis is not None and plain_joint(call, hidden_states.shape[0], attention_mask)
-                 and can_write_into(attn.to_v, hidden_states))
-        n_zero = padded_keys(call, self._attention_backend, query, L, attention_mask) if plain else 0
-        fused = (not n_zero and freqs_cis is not None
-                 and fused_serves(call, self._attention_backend, query, L, attention_mask))
+        # joint on every row: two passes merged in one kernel on CUDA where that pays (strengths and spatial masks
+        # as its bias; see attention.fused_serves); otherwise, with nothing to gate, the block writes its own K/V
+        # straight into [1, L + N] buffers (no concat)
+        fused = freqs_cis is not None and fused_serves(call, self._attention_backend, query, L, attention_mask)
+        plain = not fused and plain_joint(call, hidden_states.shape[0], attention_mask) and freqs_cis is not None
         bufs = None
-        if plain and not fused:
-            bufs = joint_buffers(key, L, call, n_zero)
+        if plain and not fused and can_write_into(attn.to_v, hidden_states):
+            bufs = joint_buffers(key, L, call)
             linear_into(bufs[1][:, :L].flatten(2), hidden_states, attn.to_v)
         value = bufs[1][:, :L] if bufs else attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
         if attn.norm_q is not None:
@@ -95,8 +90,6 @@ class ZImageInjectionProcessor(ZSingleStreamAttnProcessor):
 
         if fused:
             out = fused_joint(query, key, value, call)  # [B, L, H, Dh]
-        elif bufs and n_zero:
-            out = fused_attention.padded_attention(query, bufs[0], bufs[1], n_zero)  # [B, L, H, Dh]
         elif bufs:
             out = sdpa(query, bufs[0], bufs[1], None)  # = attend_with_extras' concatenation, without the copies
         else:
