@@ -27,7 +27,9 @@ def test_format1_folders_load_and_give_their_recorded_outputs(name):
     assert adapter.config.format_version == 2  # converted on load
     model = build(family)
     with vh.inject(model, vh.VLFeatures(expected[f"{name}.features"]), None, adapter=adapter):
-        assert torch.equal(output(model, inputs(family, batch=1)), expected[name])
+        # recorded on another CPU: float32 kernels round differently across instruction sets (~2e-6 measured on
+        # an AVX512-BF16 AMD EPYC), while the adapter moves the output by 0.02-0.1 from the plain model's
+        torch.testing.assert_close(output(model, inputs(family, batch=1)), expected[name], rtol=1e-5, atol=1e-5)
 
 
 def test_lora_saves_peft_style_names(tmp_path):
