@@ -60,6 +60,52 @@ def test_step0_loss_equals_zero_shot(data, family, kind):
     assert torch.equal(losses[0], losses[1])
 
 
+def test_class_objective_adds_the_cross_entropy_of_the_reference_class(data, tmp_path):
+    """`model.class_weight`: the loss grows by exactly weight x the cross-entropy (written out by hand) of a linear
+    head over the mean of the projection's tokens; the head is not part of the exported adapter."""
+    module = _module(ADAPTERS["projection"], class_weight=0.5, num_classes=4, drop_image=0.0, drop_text=0.0,
+                     drop_both=0.0)
+    with torch.no_grad():  # a projection away from the identity's start, and a head that is not near zero
+        for p in list(module.adapter.parameters()) + list(module.class_head.parameters()):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    batch = _batch(data)
+    module.handle = vh.apply_injection(module.dit, None, module.injection, adapter=module.adapter)
+    with torch.no_grad():
+        with_head = module.compute_loss(batch, torch.Generator().manual_seed(3))
+        head, module.class_head = module.class_head, None
+        without = module.compute_loss(batch, torch.Generator().manual_seed(3))
+        module.class_head = head
+        tokens = module.adapter.project(batch["features"].float())  # [B, N, C], no padding in this data
+        logits = tokens.mean(1) @ head.weight.T + head.bias  # [B, 4]
+        labels = batch["label"].long()
+        ce = (torch.logsumexp(logits, 1) - logits[torch.arange(len(labels)), labels]).mean()
+    module.release()
+    assert ce > 0.1
+    torch.testing.assert_close(with_head - without, 0.5 * ce, rtol=1e-5, atol=1e-6)
+    module.export_adapter(tmp_path / "with")
+    plain = _module(ADAPTERS["projection"])
+    plain.export_adapter(tmp_path / "plain")
+    from safetensors.torch import load_file
+
+    assert (load_file(tmp_path / "with/adapter_model.safetensors").keys()
+            == load_file(tmp_path / "plain/adapter_model.safetensors").keys())
+
+
+def test_class_objective_errors_name_the_fix(data):
+    from vlhooks.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="projection"):
+        _module(ADAPTERS["kv"], class_weight=0.1)
+    module = _module(ADAPTERS["projection"], class_weight=0.1, num_classes=2, drop_image=0.0, drop_text=0.0,
+                     drop_both=0.0)
+    module.handle = vh.apply_injection(module.dit, None, module.injection, adapter=module.adapter)
+    try:
+        with pytest.raises(TrainingError, match="model.num_classes to at least 4"):
+            module.compute_loss(_batch(data), torch.Generator().manual_seed(0))
+    finally:
+        module.release()
+
+
 class _FixedNoise(AdapterModule):
     """Overfitting a fixed batch: the same noise and noise levels at every step."""
 
@@ -111,12 +157,14 @@ def test_overfit_fixed_batch_halves_the_loss_and_leaves_the_dit_untouched(toy_da
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_adapter(data, tmp_path):
+@pytest.mark.parametrize("kind,extra", [("lora", {}), ("projection", {"class_weight": 1.0, "num_classes": 4})])
+def test_resume_gives_the_same_adapter(data, tmp_path, kind, extra):
+    """(With `class_weight` the training-only head is in the checkpoint too: the resumed adapter is the same.)"""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(steps, ckpt_dir, resume=False):
         L.seed_everything(0)
-        module = _module(ADAPTERS["lora"], lr=1e-2)
+        module = _module(ADAPTERS[kind], lr=1e-2, **extra)
         ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0)
         L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                   enable_model_summary=False, callbacks=[ckpt], plugins=[SafetensorsCheckpointIO()]).fit(
@@ -129,7 +177,7 @@ def test_resume_gives_the_same_adapter(data, tmp_path):
     assert straight.keys() == resumed.keys()
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=0)
-    assert any(not torch.equal(v, _module(ADAPTERS["lora"]).adapter.trainable_state_dict()[k]) or "lora_A" in k
+    assert any(not torch.equal(v, _module(ADAPTERS[kind]).adapter.trainable_state_dict()[k]) or "lora_A" in k
                for k, v in straight.items())
 
 

@@ -150,6 +150,9 @@ class AdapterModule(L.LightningModule):
         save_every_n_steps: also write `step-N/` every N steps (0: only `final/`).
         sample_every_n_steps, sample_count: fixed-seed samples of the first training rows every N steps (0: only
             at the end; `sample_count` 0: none), saved under `<checkpoint_root>/<run_name>/samples/`.
+        lr_schedule, min_lr_ratio: after the warm-up, `constant`, `cosine` or `linear` down to `min_lr_ratio`.
+        flow_weight, distill_weight, token_weight, class_weight (with num_classes): the objective's terms (flow
+            matching, caption distillation, caption-token regression, reference classification; train/objectives.py).
     """
 
     def __init__(
@@ -181,6 +184,8 @@ class AdapterModule(L.LightningModule):
         flow_weight: float = 1.0,
         distill_weight: float = 0.0,
         token_weight: float = 0.0,
+        class_weight: float = 0.0,
+        num_classes: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -221,6 +226,8 @@ class AdapterModule(L.LightningModule):
         check_number("model.flow_weight", flow_weight, 0, example="1.0")
         check_number("model.distill_weight", distill_weight, 0, example="1.0")
         check_number("model.token_weight", token_weight, 0, example="1.0")
+        check_number("model.class_weight", class_weight, 0, example="0.1")
+        check_number("model.num_classes", num_classes, 2, integer=True, example="10")
         if not isinstance(run_name, str) or not run_name.strip() or run_name in (".", "..") or "/" in run_name \
                 or "\\" in run_name:
             raise TrainingError(f"model.run_name must be a folder name (no slashes), got {run_name!r}.")
@@ -238,6 +245,9 @@ class AdapterModule(L.LightningModule):
                              blocks=spec.pop("blocks", self.injection.blocks), **spec)
         obj.config.injection = self.injection.to_dict()
         self.adapter = obj.float() if kind == "projection" else obj
+        from .objectives import class_head  # the reference-class objective's training-only head (objectives.py)
+
+        self.class_head = class_head(self.adapter, num_classes) if class_weight else None
         self.ema: list[torch.Tensor] | None = None
         self.handle: vh.InjectionHandle | None = None
         self.strict_loading = False  # checkpoints hold the adapter only
@@ -359,7 +369,7 @@ class AdapterModule(L.LightningModule):
         with self._dit_precision(dev, dtype):
             pred, target = self.family.prediction_and_target(self.dit, x0, noise, sigma, caption.to(dtype), mask,
                                                              None if pooled is None else pooled.to(dtype))
-        if teacher is None and not h.get("token_weight"):
+        if teacher is None and not h.get("token_weight") and self.class_head is None:
             return F.mse_loss(pred.float(), target.float())
         keep = (~drop_img).to(dev)  # rows without a reference do not depend on the adapter
         loss = h.get("flow_weight", 1.0) * F.mse_loss(pred.float(), target.float())
@@ -370,6 +380,11 @@ class AdapterModule(L.LightningModule):
             from .objectives import caption_token_loss
 
             loss = loss + h.token_weight * caption_token_loss(self.adapter, batch, feats, fmask)
+        if self.class_head is not None:  # the reference's class read from the adapter's tokens (objectives.py)
+            from .objectives import reference_class_loss
+
+            loss = loss + h.class_weight * reference_class_loss(self.class_head, self.adapter, batch, feats, fmask,
+                                                                keep)
         return loss
 
     # A bf16 / fp16 DiT runs its forward in its own dtype, outside the `bf16-mixed` autocast: what Lightning's
@@ -412,6 +427,8 @@ class AdapterModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = list(self.adapter.trainable_parameters())
+        if self.class_head is not None:
+            params += list(self.class_head.parameters())
         # one fused kernel for the whole update where every parameter is on a GPU (foreach elsewhere)
         fused = {"fused": True} if params and all(p.is_cuda and p.is_floating_point() for p in params) else {}
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
@@ -431,6 +448,9 @@ class AdapterModule(L.LightningModule):
         with self.full_adapter():
             checkpoint["state_dict"] = {f"adapter.{k}": v.detach().clone()
                                         for k, v in self.adapter.trainable_state_dict().items()}
+            if self.class_head is not None:  # training-only, kept for an exact resume (not in the adapter folder)
+                checkpoint["state_dict"].update({f"class_head.{k}": v.detach().clone()
+                                                 for k, v in self.class_head.state_dict().items()})
         if self.ema is not None:
             checkpoint["adapter_ema"] = [t.clone() for t in self._ema_now()]
         if self._trainer is not None:  # the loop counters as a function of the global step (see canonical_progress)
@@ -462,7 +482,8 @@ class AdapterModule(L.LightningModule):
                 f"{ours} adapter under another --model.run_name.")
         if "state_dict" not in checkpoint:  # SafetensorsFSDPStrategy loaded it already (`vlhooks train` checked it)
             return
-        saved = {k.removeprefix("adapter."): tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+        saved = {k.removeprefix("adapter."): tuple(v.shape) for k, v in checkpoint["state_dict"].items()
+                 if not k.startswith("class_head.")}
         with self.full_adapter():
             own = {k: tuple(v.shape) for k, v in self.adapter.trainable_state_dict().items()}
         if saved != own:
@@ -479,8 +500,15 @@ class AdapterModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_resumable(checkpoint)
         # saved under the adapter's saved names (`trainable_state_dict`); Lightning loads the module's own names
-        saved = {k.removeprefix("adapter."): v for k, v in checkpoint.get("state_dict", {}).items()}
+        state = checkpoint.get("state_dict", {})
+        head = {k: v for k, v in state.items() if k.startswith("class_head.")}
+        if self.class_head is not None and len(head) != len(self.class_head.state_dict()):
+            raise CheckpointError(f"{getattr(self._trainer, 'ckpt_path', None) or 'the checkpoint'} was written "
+                                  "without model.class_weight: resume with the settings it was trained with.")
+        saved = {k.removeprefix("adapter."): v for k, v in state.items() if not k.startswith("class_head.")}
         checkpoint["state_dict"] = {f"adapter.{k}": v for k, v in self.adapter.module_state(saved).items()}
+        if self.class_head is not None:
+            checkpoint["state_dict"].update(head)
         if "adapter_ema" in checkpoint:
             self.ema = [t.clone() for t in checkpoint["adapter_ema"]]
 

@@ -15,6 +15,11 @@ caption's real tokens). The DiT's own caption path then embeds them exactly as i
 token takes the position the caption token would), so the reference is injected as the caption it shows. It needs
 no pass through the DiT, so it is a strong and cheap signal; a `resampler` projection with `num_tokens` set to the
 caption length emits a token sequence of the caption's shape.
+
+Reference classification (`model.class_weight > 0`, items with labels): a linear head, trained with the adapter and
+thrown away after (it is in resume checkpoints, not in the adapter folder), reads the reference's class from the
+mean of the projection's caption-space tokens; the term `class_weight * cross-entropy` asks those tokens to keep
+the classes apart from the first steps, where the distillation's signal through the DiT is weak.
 """
 
 from __future__ import annotations
@@ -80,3 +85,38 @@ def caption_token_loss(adapter, batch: dict, features: torch.Tensor, feature_mas
     valid = torch.arange(n, device=out.device)[None] < batch["teacher_caption_len"].to(out.device)[:, None]  # [B, n]
     err = ((out[:, :n] - target[:, :n]) ** 2).mean(-1)  # [B, n]
     return (err * valid).sum() / valid.sum().clamp_min(1)
+
+
+def _projection_of(adapter, option: str):
+    proj = adapter if hasattr(adapter, "project") else getattr(adapter, "projection", None)
+    if proj is None:
+        raise TrainingError(f"model.{option} needs an adapter with a projection into the caption space: a "
+                            "projection adapter, or a kv / lora adapter with `projection` (e.g. {kind: mlp}).")
+    return proj
+
+
+def class_head(adapter, num_classes: int) -> torch.nn.Linear:
+    """The training-only head of `reference_class_loss`: caption width -> `num_classes` logits."""
+    return torch.nn.Linear(_projection_of(adapter, "class_weight").config.caption_width, num_classes)
+
+
+def reference_class_loss(head, adapter, batch: dict, features: torch.Tensor, feature_mask: torch.Tensor | None,
+                         keep: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `head` over the mean of the adapter's caption-space tokens against the rows' labels
+    (rows in `keep`: those whose reference is injected)."""
+    if "label" not in batch:
+        raise TrainingError("model.class_weight > 0 needs labelled items: use a source with labels (mnist, digits) "
+                            "or give a folder source a label column.")
+    proj = _projection_of(adapter, "class_weight")
+    dtype = next(proj.parameters()).dtype
+    out = proj.project(features.to(dtype), feature_mask).float()  # [B, M, C]
+    m = proj.output_mask(feature_mask)
+    w = torch.ones(out.shape[:2], device=out.device) if m is None else m.to(out.device).float()  # [B, M]
+    pooled = (out * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)  # [B, C]
+    labels = torch.as_tensor(batch["label"], device=out.device).long()  # [B]
+    if labels.min() < 0 or labels.max() >= head.out_features:
+        raise TrainingError(f"model.class_weight: labels span {int(labels.min())}..{int(labels.max())} but "
+                            f"model.num_classes is {head.out_features}; set model.num_classes to at least "
+                            f"{int(labels.max()) + 1}.")
+    ce = torch.nn.functional.cross_entropy(head(pooled.to(head.weight.dtype)).float(), labels, reduction="none")
+    return (ce * keep).sum() / keep.sum().clamp_min(1)
