@@ -72,10 +72,7 @@ def teacher_prediction(module, batch: dict, x0: torch.Tensor, noise: torch.Tenso
 def caption_token_loss(adapter, batch: dict, features: torch.Tensor, feature_mask: torch.Tensor | None) -> torch.Tensor:
     """MSE between the adapter's caption-space tokens and the teacher caption's token embeddings (over the
     caption's real tokens, at most as many as the adapter emits)."""
-    proj = adapter if hasattr(adapter, "project") else getattr(adapter, "projection", None)
-    if proj is None:
-        raise TrainingError("model.token_weight needs an adapter with a projection into the caption space: a "
-                            "projection adapter, or a kv adapter with `projection` (e.g. {kind: resampler}).")
+    proj = _projection_of(adapter, "token_weight")
     if "teacher_caption" not in batch:
         raise TrainingError("model.token_weight > 0 needs the teacher's captions: set data.teacher_caption_template.")
     dtype = next(proj.parameters()).dtype
