@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vlhooks as vh
-from vlhooks import fused_attention
+from vlhooks import fused_attention, fused_text
 from vlhooks.models import family_for
 
 pytestmark = [
@@ -343,3 +343,135 @@ def test_patched_forward_adds_no_host_sync(build):
         with vh.inject(model, feats, vh.InjectionConfig(guidance="none")):
             patched = syncs()
     assert patched <= plain, (plain, patched)
+
+
+class _Counted:
+    """A Triton kernel whose launches are counted."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *a, **kw: self.calls.append(1) or launch(*a, **kw)
+
+
+def _count_text_kernels(monkeypatch) -> list:
+    calls = []
+    real = fused_text._kernels()
+    monkeypatch.setattr(fused_text, "_kernels", lambda: tuple(_Counted(k, calls) for k in real))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_modulation_kernel_gives_the_eager_bits(dtype, monkeypatch):
+    """`fused_text.modulate` against `x * (1 + scale) + shift` in eager PyTorch: the same bits, with and without
+    the shift, for per-row and broadcast inputs, with scale and shift as the strided chunks of a modulation."""
+    calls = _count_text_kernels(monkeypatch)
+    g = torch.Generator(DEV).manual_seed(4)
+    mod = torch.randn(3, 4 * 3072, generator=g, device=DEV).to(dtype)
+    scale, shift = mod.unsqueeze(1).chunk(4, dim=2)[:2]  # [3, 1, D], row stride 4D
+    with torch.no_grad():
+        for x in (torch.randn(3, 64, 3072, generator=g, device=DEV).to(dtype),
+                  torch.randn(1, 64, 3072, generator=g, device=DEV).to(dtype)):
+            assert torch.equal(fused_text.modulate(x, scale), x * (1 + scale))
+            assert torch.equal(fused_text.modulate(x, scale, shift), x * (1 + scale) + shift)
+            assert torch.equal(fused_text.modulate(x, scale[:1], shift[:1]), (1 + scale[:1]) * x + shift[:1])
+    assert len(calls) == 6
+
+
+def _angles(n, half):
+    return torch.rand(n, half, device=DEV, generator=torch.Generator(DEV).manual_seed(5)) * 40
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm_kind", ["diffusers", "torch"])
+@pytest.mark.parametrize("rope", ["complex", "real", "none"])
+def test_key_norm_kernel_is_within_one_rounding_of_eager(dtype, norm_kind, rope, monkeypatch):
+    """`fused_text.norm_rope` against the eager key norm (diffusers' `RMSNorm`, two roundings, or
+    `torch.nn.RMSNorm`, one) followed by Z-Image's complex RoPE (`complex`), diffusers' `apply_rotary_emb` on
+    interleaved pairs (`real`) or nothing: every element within one rounding of eager, and on average no further
+    than eager from the same computation in float64."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.normalization import RMSNorm
+
+    from vlhooks.models.z_image import _rope
+
+    calls = _count_text_kernels(monkeypatch)
+    R, N, H, Dh = 2, 64, 24, 128
+    g = torch.Generator(DEV).manual_seed(6)
+    k = (3 * torch.randn(R, N, H * Dh, generator=g, device=DEV)).to(dtype).unflatten(-1, (H, Dh))  # a GEMM's view
+    norm = RMSNorm(Dh, eps=1e-6) if norm_kind == "diffusers" else torch.nn.RMSNorm(Dh, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(Dh, generator=torch.Generator().manual_seed(7)) + 0.5)
+    norm = norm.to(DEV, dtype)
+    angles = _angles(N, Dh // 2)
+    k64 = k.double()
+    ref = k64 * torch.rsqrt(k64.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.double()
+    with torch.no_grad():
+        if rope == "complex":
+            freqs = torch.polar(torch.ones_like(angles), angles)  # complex64 [N, Dh/2]
+            eager = _rope(norm(k), freqs[None])
+            cos, sin = torch.view_as_real(freqs).unbind(-1)
+        elif rope == "real":
+            cos_full, sin_full = angles.cos().repeat_interleave(2, 1), angles.sin().repeat_interleave(2, 1)
+            eager = apply_rotary_emb(norm(k), (cos_full, sin_full), sequence_dim=1)
+            cos, sin = cos_full[:, ::2], sin_full[:, ::2]
+        else:
+            eager, cos, sin = norm(k), None, None
+        got = fused_text.norm_rope(norm, k, cos, sin)
+    assert got is not None and len(calls) == 1
+    if rope != "none":
+        c, s = angles.double().cos()[None, :, None], angles.double().sin()[None, :, None]
+        a, b = ref[..., 0::2], ref[..., 1::2]
+        ref = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
+    # a normalised value one rounding off (another summation order) moves by up to 1.5 roundings after the weight
+    # (<= 1.5) and the rotation, plus the output's own rounding: measured against the pair's size, which the
+    # rotation keeps (a rotated element can cancel to ~0 while its inputs are large)
+    step = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)  # one rounding, relative
+    pair = eager.float().unflatten(-1, (-1, 2)).norm(dim=-1).repeat_interleave(2, -1)  # |(k[2j], k[2j + 1])|
+    off = ((got.float() - eager.float()).abs() / (step * pair + 1e-6)).max().item()  # in roundings of the pair
+    assert off <= 3, off
+    err_got, err_eager = ((got.double() - ref).abs().mean().item(), (eager.double() - ref).abs().mean().item())
+    assert err_got <= 1.1 * err_eager, (err_got, err_eager)
+
+
+@pytest.mark.parametrize("name", ["z_image", "flux", "flux2"])
+def test_processors_take_the_text_kernels_and_agree_with_eager(name, monkeypatch):
+    """The first patched block's attention output, bf16 with the text-path kernels and bf16 with them off
+    (`VLHOOKS_FUSED_TEXT=0`, the eager path every CPU test checks against diffusers), each against the same block in
+    float32 (where the kernels do not apply): the kernels' path must be as close to it as eager's, and far closer
+    than leaving the extra keys out. Two kernels per patched block (the modulation, the key norm). Later blocks are
+    not compared: there bf16 drift of the whole model masks a one-rounding change of the extra keys."""
+    model, run, width = _BUILDS[name]()
+    first = family_for(model).sites(model)[0].attention(model)
+    seen = []
+    first.register_forward_hook(lambda m, a, out: seen.append(
+        torch.cat([o.flatten() for o in out]) if isinstance(out, tuple) else out.flatten()))
+    calls = _count_text_kernels(monkeypatch)
+    cfg = vh.InjectionConfig(guidance="none")
+    with torch.no_grad():
+        run()
+        monkeypatch.setenv("VLHOOKS_FUSED_TEXT", "0")
+        with vh.inject(model, _plain_features(width, DT), cfg):
+            run()
+        assert not calls
+        monkeypatch.setenv("VLHOOKS_FUSED_TEXT", "1")
+        with vh.inject(model, _plain_features(width, DT), cfg):
+            run()
+        n_blocks = 2 if name == "z_image" else len(vh.list_sites(model))  # Z-Image: the 2 main layers
+        assert len(calls) == 2 * n_blocks
+        model.float()  # the same weights in float32; cast the inputs through a pre-hook
+        model.register_forward_pre_hook(
+            lambda m, a, kw: (tuple(_cast(x) for x in a), {k: _cast(v) for k, v in kw.items()}), with_kwargs=True)
+        with vh.inject(model, _plain_features(width, torch.float32), cfg):
+            run()
+    assert len(calls) == 2 * n_blocks  # float32: eager
+    plain, eager, got, ref = (x.double() for x in seen)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    e_got, e_eager, effect = rel(got, ref), rel(eager, ref), rel(plain, ref)
+    assert e_got <= 1.1 * e_eager + 1e-4, (e_got, e_eager)
+    assert effect > 5 * e_got, (effect, e_got)

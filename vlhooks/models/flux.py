@@ -23,7 +23,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from torch import nn
 
-from .. import fused_attention
+from .. import fused_attention, fused_text
 from ..attention import (
     BlockCall,
     add_rows,
@@ -279,7 +279,7 @@ class FluxFamily(DoubleSingleStreamFamily):
         emb = norm.linear(norm.silu(rows_of(temb, call.rows))) if emb is None else rows_of(emb, call.rows)
         shift, scale = emb.chunk(6 if call.site.kind == "double" else 3, dim=1)[:2]
         x = call.pre_normed if call.pre_normed is not None else norm.norm(call.embedded)
-        return x * (1 + scale[:, None]) + shift[:, None]
+        return fused_text.modulate(x, scale[:, None], shift[:, None])  # x * (1 + scale) + shift
 
     def kv_linears(self, transformer, site):
         attn = site.attention(transformer)
@@ -289,8 +289,9 @@ class FluxFamily(DoubleSingleStreamFamily):
         attn = call.site.attention(call.transformer)
         k = k.unflatten(-1, (-1, attn.head_dim))  # [R, N, H, Dh]
         v = v.unflatten(-1, (-1, attn.head_dim))
-        k = attn.norm_added_k(k) if call.site.kind == "double" else attn.norm_k(k)
-        return k, v  # position 0: the identity rotation
+        norm = attn.norm_added_k if call.site.kind == "double" else attn.norm_k
+        fused = fused_text.norm_rope(norm, k)
+        return (norm(k) if fused is None else fused), v  # position 0: the identity rotation
 
     def velocity(self, transformer, latents, sigma, caption, caption_mask=None, pooled=None):
         # Flux sees 2x2-packed latents and sigma in [0, 1]; it predicts noise - x0 directly

@@ -53,6 +53,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 )
 from torch import nn
 
+from .. import fused_text
 from ..attention import BlockCall, attend_with_extras, fused_joint, fused_serves
 from ..errors import TargetError
 from .base import DiTFamily, DoubleSingleStreamFamily, PromptEmbeds, arg, per_reference, register_family, rows_of
@@ -315,7 +316,7 @@ class Flux2Family(DoubleSingleStreamFamily):
         x = call.pre_normed
         if x is None:
             x = self.text_norm(call.transformer, call.site, call.embedded)  # [R, N, D]
-        return (1 + scale) * x + shift  # the block's own op order
+        return fused_text.modulate(x, scale, shift)  # (1 + scale) * x + shift, the block's roundings
 
     def kv_linears(self, transformer, site):
         attn = site.attention(transformer)
@@ -359,10 +360,13 @@ class Flux2Family(DoubleSingleStreamFamily):
         attn = call.site.attention(call.transformer)
         k = k.unflatten(-1, (-1, attn.head_dim))  # [R, N, H, Dh]
         v = v.unflatten(-1, (-1, attn.head_dim))
-        k = attn.norm_added_k(k) if call.site.kind == "double" else attn.norm_k(k)
+        norm = attn.norm_added_k if call.site.kind == "double" else attn.norm_k
         rope = per_reference(call, k.shape[1], lambda n: self._extra_rope(call.transformer, n, k.device, call.cache),
                              key=("flux2.rope", str(k.device)))  # (cos, sin) [N, Dh], positions per reference
-        return apply_rotary_emb(k, rope, sequence_dim=1), v
+        fused = fused_text.norm_rope(norm, k, rope[0][:, ::2], rope[1][:, ::2])  # pairs share an angle
+        if fused is not None:
+            return fused, v
+        return apply_rotary_emb(norm(k), rope, sequence_dim=1), v
 
     # ------------------------------------------------------------------ training objective
     def velocity(self, transformer, latents, sigma, caption, caption_mask=None, pooled=None):

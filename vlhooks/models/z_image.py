@@ -19,6 +19,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 from torch import nn
 
+from .. import fused_text
 from ..attention import (BlockCall, attend_with_extras, can_write_into, fused_joint, fused_serves, joint_buffers,
                          linear_into, plain_joint)
 from ..errors import TargetError
@@ -205,7 +206,7 @@ class ZImageFamily(DiTFamily):
                                                      call.rows))
             else:
                 mod = rows_of(mod, call.rows)
-            x = x * (1.0 + mod.unsqueeze(1).chunk(4, dim=2)[0])  # scale_msa [R, 1, D]
+            x = fused_text.modulate(x, mod.unsqueeze(1).chunk(4, dim=2)[0])  # x * (1 + scale_msa [R, 1, D])
         return x
 
     def kv_linears(self, transformer, site):
@@ -216,11 +217,15 @@ class ZImageFamily(DiTFamily):
         attn = call.site.attention(call.transformer)
         k = k.unflatten(-1, (attn.heads, -1))  # [R, N, H, Dh]
         v = v.unflatten(-1, (attn.heads, -1))
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
         # each reference's tokens at positions 1..N_s, also when several go through one call (`batched`)
         freqs = per_reference(call, k.shape[1], lambda n: self._extra_freqs(call.transformer, n, k.device, call.cache),
-                              key=("z_image.freqs", str(k.device)))
+                              key=("z_image.freqs", str(k.device)))  # [N, Dh/2] complex
+        if attn.norm_k is not None:
+            cos_sin = torch.view_as_real(freqs)  # [N, Dh/2, 2]
+            fused = fused_text.norm_rope(attn.norm_k, k, cos_sin[..., 0], cos_sin[..., 1])
+            if fused is not None:
+                return fused, v
+            k = attn.norm_k(k)
         return _rope(k, freqs[None]), v  # freqs [1, N, Dh/2]
 
     def velocity(self, transformer, latents, sigma, caption, caption_mask=None, pooled=None):
