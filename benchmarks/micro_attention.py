@@ -147,12 +147,12 @@ def fused():
 
             def kernel_only():  # the Triton kernel alone (extra pass + merge), main pass precomputed
                 B, Lq, Hh, D = q.shape
-                fused_attention._kernel()[lambda meta: (-(-Lq // meta["BLOCK_M"]), B * Hh)](
+                fused_attention._kernel()[lambda meta: (B * Hh, -(-Lq // meta["BLOCK_M"]))](
                     q, ke, ve, o1, lse1, out, q, q, q, q.stride(0), q.stride(1), q.stride(2), 0, ke.stride(1),
                     ke.stride(2), 0, ve.stride(1), ve.stride(2), o1.stride(0), o1.stride(2), o1.stride(1),
                     lse1.stride(0), lse1.stride(1), lse1.stride(2), out.stride(0), out.stride(1), out.stride(2),
                     0, 0, 0, 0, 0, Hh, Lq, ke.shape[1], D ** -0.5 * 1.4426950408889634, HEAD_DIM=D, HAS_KB=False,
-                    HAS_QW=False)
+                    HAS_QW=False, HEADS_FIRST=True)
 
             with torch.no_grad():
                 err = (two_pass().float() - concat().transpose(1, 2).float()).abs().max().item()

@@ -211,3 +211,29 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         adapter.save(tmp_path / "a")
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+@torch.no_grad()
+def test_lora_delta_is_pefts_forward_after_its_base():
+    """`lora._with_delta(w, base_layer(x), x)` is peft's `lora.Linear.forward(x)` bit for bit (the path the LoRA
+    adapter takes where its base GEMM runs as another kernel), with trained weights, another dtype for the LoRA,
+    and a scaling other than 1; `_plain` says no once the LoRA is merged into its base."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from vlhooks.adapters import lora
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12).to(torch.bfloat16)
+    w = LoraLinear(base, lora.PEFT_NAME, config=LoraConfig(r=4, lora_alpha=6, target_modules=["_"]), r=4,
+                   lora_alpha=6)
+    torch.nn.init.normal_(w.lora_B[lora.PEFT_NAME].weight)
+    w.lora_A[lora.PEFT_NAME].float()
+    w.lora_B[lora.PEFT_NAME].float()  # float32 LoRA on a bf16 base
+    x = torch.randn(3, 5, 16).to(torch.bfloat16)
+    assert lora._plain(w) and w.scaling[lora.PEFT_NAME] == 1.5
+    got = lora._with_delta(w, base(x), x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, w(x))
+    assert not torch.equal(got, base(x))
+    w.merge()
+    assert not lora._plain(w)

@@ -38,7 +38,7 @@ def _kernel():
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2)
                  for m, n, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8), (32, 64, 4), (128, 64, 4), (32, 64, 2),
                                  (64, 128, 4), (128, 128, 8))],
-        key=["N", "HEAD_DIM", "HAS_KB", "HAS_QW"],
+        key=["N", "HEAD_DIM", "HAS_KB", "HAS_QW", "HEADS_FIRST"],
         # key tiles of 128 only where there are more than 64 extra keys (else half of every tile is padding)
         prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
             c for c in configs if c.kwargs["BLOCK_N"] <= max(64, nargs["N"])]},
@@ -50,9 +50,13 @@ def _kernel():
                     skb_b, skb_n, sqw_b, sqw_l, sqw_s,
                     H, L, N, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_KB: tl.constexpr, HAS_QW: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+                    HAS_KB: tl.constexpr, HAS_QW: tl.constexpr, HEADS_FIRST: tl.constexpr):
+        if HEADS_FIRST:  # programs side by side read one tile of tokens across all heads: one span of memory
+            pid_bh = tl.program_id(0)
+            pid_m = tl.program_id(1)
+        else:
+            pid_m = tl.program_id(0)
+            pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -154,7 +158,7 @@ def _main_pass(q, k, v):
 
 def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor,
                     key_bias: torch.Tensor | None = None, query_bias: torch.Tensor | None = None,
-                    key_segment: torch.Tensor | None = None) -> torch.Tensor:
+                    key_segment: torch.Tensor | None = None, heads_first: bool | None = None) -> torch.Tensor:
     """Softmax attention of `q` over `[k; ek]` and `[v; ev]`, as two passes (see the module docstring), with an
     optional additive logit bias on the extra keys only (natural log; `-inf` excludes a key):
     `key_bias[b, n] + query_bias[b, i, key_segment[n]]`.
@@ -181,13 +185,18 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch
     sqw = (0 if qw.shape[0] == 1 else qw.stride(0), qw.stride(1), qw.stride(2)) if has_qw else (0, 0, 0)
     kernel = _kernel()
 
+    if heads_first is None:
+        heads_first = os.environ.get("VLHOOKS_MERGE_ORDER", "heads") == "heads"
+
     def grid(meta):
-        return (-(-Lq // meta["BLOCK_M"]), B * H)
+        tiles = -(-Lq // meta["BLOCK_M"])
+        return (B * H, tiles) if heads_first else (tiles, B * H)
 
     kernel[grid](q, ek, ev, o1, lse1, out, kb, qw, seg,
                  q.stride(0), q.stride(1), q.stride(2), sb_k, ek.stride(1), ek.stride(2),
                  sb_v, ev.stride(1), ev.stride(2),
                  o1.stride(0), o1.stride(2), o1.stride(1), lse1.stride(0), lse1.stride(1), lse1.stride(2),
                  out.stride(0), out.stride(1), out.stride(2), *skb, *sqw,
-                 H, Lq, N, D ** -0.5 * 1.4426950408889634, HEAD_DIM=D, HAS_KB=has_kb, HAS_QW=has_qw)
+                 H, Lq, N, D ** -0.5 * 1.4426950408889634, HEAD_DIM=D, HAS_KB=has_kb, HAS_QW=has_qw,
+                 HEADS_FIRST=bool(heads_first))
     return out

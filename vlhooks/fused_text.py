@@ -14,6 +14,11 @@ modulated values then differ from eager's by one ulp, measured on an H200 with T
 
 Used in eager inference on CUDA (no autograd, no `torch.compile`) where Triton is present and the dtypes agree;
 everywhere else the families' eager code runs. `VLHOOKS_FUSED_TEXT=0` switches it off.
+
+`linear_pair` / `matmul_pair` compute the extra tokens' K and V projections (at most 128 rows) in one kernel instead
+of cuBLAS's two GEMMs, with `VLHOOKS_FUSED_KV=1` only: cuBLAS on the two weights stacked takes 19 us where its two
+GEMMs take 34 (Z-Image's 64 x 3840 rows, benchmarks/NOTES.md section 14), so one launch over both weights has room
+to gain, but this kernel's GPU time in the model is not measured yet; until it is, cuBLAS runs.
 """
 
 from __future__ import annotations
@@ -88,7 +93,34 @@ def _kernels():
         tl.store(out, e.to(dt), mask=mv[:, None])
         tl.store(out + 1, o.to(dt), mask=mv[:, None])
 
-    return modulate_kernel, norm_rope_kernel
+    @triton.jit
+    def linear_pair_kernel(X, W, B, OUT, M, NO, KD, sx_m, sw_n, DW, DB,
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+        # program (j, w) computes columns [j * BLOCK_N, (j + 1) * BLOCK_N) of x @ W_w^T for all M rows (M <= BLOCK_M),
+        # streaming those weight rows once and accumulating in float32; the second weight and bias lie DW / DB
+        # elements from the first (an offset, not a branch, so that the loads keep their alignment and vectorise)
+        pid_n = tl.program_id(0)
+        second = tl.program_id(1).to(tl.int64)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        in_m = offs_m < M
+        x_ptr = X + offs_m[:, None] * sx_m + offs_k[None, :]
+        w_ptr = W + second * DW + offs_n[:, None] * sw_n + offs_k[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for _ in range(0, KD, BLOCK_K):  # KD % BLOCK_K == 0, NO % BLOCK_N == 0 (the caller checks)
+            x = tl.load(x_ptr, mask=in_m[:, None], other=0.0)
+            w = tl.load(w_ptr)
+            acc = tl.dot(x, tl.trans(w), acc)
+            x_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+        if HAS_BIAS:
+            acc = acc + tl.load(B + second * DB + offs_n).to(tl.float32)[None, :]
+        o_ptr = OUT + second * M * NO + offs_m[:, None] * NO + offs_n[None, :]
+        tl.store(o_ptr, acc.to(OUT.dtype.element_ty), mask=in_m[:, None])
+
+    return modulate_kernel, norm_rope_kernel, linear_pair_kernel
 
 
 def enabled() -> bool:
@@ -161,3 +193,55 @@ def norm_rope(norm: nn.Module, k: torch.Tensor, cos: torch.Tensor | None = None,
         N, H, V, float(eps), HALF=Dh // 2, BLOCK_V=block, HAS_W=w is not None, TWO_ROUNDINGS=two, HAS_ROPE=rope,
         enable_fp_fusion=False)
     return out
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """`m(x)` is `F.linear(x, m.weight, m.bias)` (an `nn.Linear`, or a view of a fused one's rows that says so)."""
+    return isinstance(m, nn.Linear) and (type(m) is nn.Linear or getattr(type(m), "plain_linear", False))
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) by the rows' block; `benchmarks/micro_extras.py gemm` times others
+_PAIR_CONFIG = {16: (64, 128, 4, 4), 32: (64, 128, 4, 4), 64: (64, 128, 4, 4), 128: (64, 128, 8, 3)}
+
+
+def linear_pair(x: torch.Tensor, a: nn.Module, b: nn.Module,
+                config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(a(x), b(x))` for two plain Linears (`nn.Linear`, or a view of a fused one's rows that says so) through
+    `matmul_pair`; None where that does not serve them (the caller runs the Linears)."""
+    if not (_plain_linear(a) and _plain_linear(b)):
+        return None
+    return matmul_pair(x, a.weight, b.weight, a.bias, b.bias, config)
+
+
+def matmul_pair(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, ba: torch.Tensor | None = None,
+                bb: torch.Tensor | None = None,
+                config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(F.linear(x, wa, ba), F.linear(x, wb, bb))` for `x` `[..., D]` of at most 128 rows and two `[O, D]` weights
+    of one shape (any two tensors, or row ranges of one): one Triton kernel that streams each weight once, over
+    twice the programs of one GEMM (each of cuBLAS's two GEMMs of 16-128 rows tiles the output into too few blocks
+    to reach the bandwidth, see the module docstring). Float32 accumulation, the bias added before the one rounding, as cuBLAS; the
+    order of the sums differs, so an output can land one rounding away. None where not usable."""
+    rows = x.numel() // x.shape[-1] if x.ndim else 0
+    if os.environ.get("VLHOOKS_FUSED_KV", "0") != "1":  # opt-in until the whole-model benchmark shows a gain
+        return None
+    if (wa.ndim != 2 or wa.shape != wb.shape or wa.shape[1] != x.shape[-1] or not 0 < rows <= 128
+            or not _usable(x, wa, wb) or wa.stride(1) != 1 or wb.stride(1) != 1 or (ba is None) != (bb is None)):
+        return None
+    if ba is not None and not (_usable(x, ba, bb) and ba.is_contiguous() and bb.is_contiguous()):
+        return None
+    no, kd = wa.shape
+    block_m = max(16, 1 << (rows - 1).bit_length())
+    bn, bk, warps, stages = config or _PAIR_CONFIG[block_m]
+    size = wa.element_size()
+    dw, db = wb.data_ptr() - wa.data_ptr(), 0 if ba is None else bb.data_ptr() - ba.data_ptr()
+    if no % bn or kd % bk or wa.stride(0) != wb.stride(0) or dw % size or db % size:
+        return None
+    x2 = x.reshape(rows, kd)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(2, rows, no, dtype=x.dtype, device=x.device)
+    _kernels()[2][(no // bn, 2)](
+        x2, wa, wa if ba is None else ba, out, rows, no, kd, x2.stride(0), wa.stride(0), dw // size, db // size,
+        HAS_BIAS=ba is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    shape = (*x.shape[:-1], no)
+    return out[0].view(shape), out[1].view(shape)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .. import fused_text
 from ..errors import AdapterError
 from .base import Adapter, AdapterConfig, Options, register_adapter
 from .projection import ProjectionAdapter, ProjectionInFront, ProjectionOptions
@@ -85,4 +86,5 @@ class KVAdapter(ProjectionInFront, Adapter):
         kp, vp = self.k[_key(call.site.name)], self.v[_key(call.site.name)]
         x = x.to(kp.weight.dtype)
         dtype = call.embedded.dtype
-        return call.family.finish_kv(call, kp(x).to(dtype), vp(x).to(dtype))
+        k, v = fused_text.linear_pair(x, kp, vp) or (kp(x), vp(x))  # the zero-shot path's kernel where it serves
+        return call.family.finish_kv(call, k.to(dtype), v.to(dtype))

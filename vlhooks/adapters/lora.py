@@ -19,6 +19,7 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from .. import fused_text
 from ..errors import AdapterError
 from .base import Adapter, AdapterConfig, Options, check_state, register_adapter
 from .projection import ProjectionAdapter, ProjectionInFront, ProjectionOptions
@@ -53,6 +54,21 @@ def _key(site_name: str, which: str) -> str:
 def saved_name(site_name: str, which: str, ab: str) -> str:
     """The saved name of a LoRA weight: `<site>.<k|v>.lora_<A|B>.weight` (peft's, without the adapter name)."""
     return f"{site_name}.{which}.lora_{ab}.weight"
+
+
+def _plain(w: LoraLinear) -> bool:
+    """Whether `w(x)` is `base_layer(x) + lora_B(lora_A(dropout(x))) * scaling` of this adapter alone (peft's
+    unmerged vanilla LoRA), so that the base's GEMM can be another kernel's (`fused_text.linear_pair`)."""
+    return (not w.merged and not w.disable_adapters and list(w.active_adapters) == [PEFT_NAME]
+            and not w.use_dora.get(PEFT_NAME, False) and PEFT_NAME not in getattr(w, "lora_variant", {}))
+
+
+def _with_delta(w: LoraLinear, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """peft's `lora.Linear.forward` after its base layer: `base + lora_B(lora_A(dropout(x))) * scaling`, in the
+    LoRA's dtype, back in the base's (the same operations, so a fresh LoRA adds exactly zero)."""
+    a = w.lora_A[PEFT_NAME]
+    delta = w.lora_B[PEFT_NAME](a(w.lora_dropout[PEFT_NAME](x.to(a.weight.dtype)))) * w.scaling[PEFT_NAME]
+    return (base + delta).to(base.dtype)
 
 
 @register_adapter("lora")
@@ -132,9 +148,11 @@ class LoRAAdapter(ProjectionInFront, Adapter):
     def kv(self, call):
         self.bind(call.family, call.transformer)
         x = call.family.text_input(call)  # [R, N, D]
-        k = self._wrappers[_key(call.site.name, "k")](x)
-        v = self._wrappers[_key(call.site.name, "v")](x)
-        return call.family.finish_kv(call, k, v)
+        wk, wv = self._wrappers[_key(call.site.name, "k")], self._wrappers[_key(call.site.name, "v")]
+        base = fused_text.linear_pair(x, wk.base_layer, wv.base_layer) if _plain(wk) and _plain(wv) else None
+        if base is None:
+            return call.family.finish_kv(call, wk(x), wv(x))
+        return call.family.finish_kv(call, *(_with_delta(w, y, x) for w, y in zip((wk, wv), base)))
 
     # ------------------------------------------------------------------ weights, under peft's saved names
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Hashable
 import torch
 from torch import nn
 
+from .. import fused_text
 from ..errors import ConfigError, TargetError
 
 if TYPE_CHECKING:
@@ -259,7 +260,8 @@ class DiTFamily:
         RoPE. Returns `k, v` as `[R, N, H, Dh]`."""
         x = self.text_input(call)
         k_proj, v_proj = self.kv_linears(call.transformer, call.site)
-        return self.finish_kv(call, k_proj(x), v_proj(x))
+        kv = fused_text.linear_pair(x, k_proj, v_proj)  # one kernel on CUDA where it serves, else None
+        return self.finish_kv(call, *(kv or (k_proj(x), v_proj(x))))
 
     # ------------------------------------------------------------------ training objective
     def prediction_and_target(

@@ -72,6 +72,8 @@ class FusedRows(nn.Linear):
     a `kv` adapter can copy it into a plain `nn.Linear`; peft's LoRA wraps it like any `nn.Linear`. It registers no
     parameters of its own (the DiT owns them) and holds the fused layer outside its module tree."""
 
+    plain_linear = True  # `forward` is `F.linear(x, weight, bias)` (`fused_text.linear_pair` may stand in for it)
+
     def __init__(self, fused: nn.Linear, start: int, stop: int):
         nn.Module.__init__(self)
         self.__dict__["fused"] = fused  # not a submodule: the DiT's, not this module's
@@ -332,13 +334,15 @@ class Flux2Family(DoubleSingleStreamFamily):
         x = self.text_input(call)  # [R, N, D]
         attn = call.site.attention(call.transformer)
         if call.site.kind == "double":
-            return self.finish_kv(call, attn.add_k_proj(x), attn.add_v_proj(x))
+            kv = fused_text.linear_pair(x, attn.add_k_proj, attn.add_v_proj)  # one kernel where it serves
+            return self.finish_kv(call, *(kv or (attn.add_k_proj(x), attn.add_v_proj(x))))
         fused = attn.to_qkv_mlp_proj
         (k0, k1), (v0, v1) = _single_kv_rows(attn)
         if type(fused) is nn.Linear:
-            bias = fused.bias
-            k = F.linear(x, fused.weight[k0:k1], None if bias is None else bias[k0:k1])
-            v = F.linear(x, fused.weight[v0:v1], None if bias is None else bias[v0:v1])
+            w, bias = fused.weight, fused.bias
+            bk, bv = (None, None) if bias is None else (bias[k0:k1], bias[v0:v1])
+            k, v = fused_text.matmul_pair(x, w[k0:k1], w[v0:v1], bk, bv) or (F.linear(x, w[k0:k1], bk),
+                                                                             F.linear(x, w[v0:v1], bv))
         else:
             out = fused(x)
             k, v = out[..., k0:k1], out[..., v0:v1]

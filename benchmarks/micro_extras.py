@@ -1,0 +1,143 @@
+"""Micro-benchmark of the extras' per-block GPU work (one H200, bf16), each candidate against the shipped form:
+
+- `gemm`: the extra tokens' K and V projections (16-128 rows): cuBLAS's two GEMMs, cuBLAS on the two weights
+  stacked (one GEMM: its bound), and `fused_text.linear_pair` (one Triton kernel) for every tile configuration;
+  error of each against float64;
+- `merge`: the two-pass kernel's extra pass and merge (`fused_attention.joint_attention`), programs ordered
+  tile-first (the earlier grid) against heads-first.
+
+Each timing queues 20 calls behind 1.4 ms of other GPU work (so the GPU's time is measured, not the host's launch
+cost: a Triton launch takes ~40 us of Python) over rotating copies of the operands (so that no weight or activation sits
+in the 50 MB L2 across calls, as in the model, where every block has its own), per-call mean; the median and
+min-max of 10 such timings are printed.
+
+    python benchmarks/micro_extras.py            # both
+    python benchmarks/micro_extras.py gemm       # one part
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEV, DT = "cuda", torch.bfloat16
+CALLS, REPS = 20, 10
+
+
+def timed(fn, sets: int) -> tuple[float, float, float]:
+    """Per-call microseconds (median, min, max over REPS timings of CALLS calls), `fn(i)` on operand set `i % sets`."""
+    for i in range(3):
+        fn(i % sets)
+    torch.cuda.synchronize()
+    ts = []
+    big = torch.empty(8192, 8192, device=DEV, dtype=DT)
+    for _ in range(REPS):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.mm(big, big)  # ~1.4 ms of GPU work first: the calls below queue behind it, so the GPU times them
+        a.record()          # back to back, not the host's launch cost (as in the model, where the host runs ahead)
+        for i in range(CALLS):
+            fn(i % sets)
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) * 1000 / CALLS)
+    return statistics.median(ts), min(ts), max(ts)
+
+
+def fmt(t) -> str:
+    return f"{t[0]:7.1f} [{t[1]:6.1f}-{t[2]:6.1f}]"
+
+
+def gemm():
+    from vlhooks import fused_text
+
+    print("gemm: extra tokens' K and V projections (us per pair of projections)", flush=True)
+    rows_out = []
+    for name, m, d, bias in (("zimage", 64, 3840, False), ("flux", 128, 3072, True), ("flux2", 64, 6144, False),
+                             ("zimage-2x64", 128, 3840, False)):
+        sets = max(2, int(400e6 // (2 * d * d * 2)) + 1)  # > 400 MB of weights in rotation
+        pairs = []
+        for _ in range(sets):
+            a = nn.Linear(d, d, bias=bias, device=DEV, dtype=DT)
+            b = nn.Linear(d, d, bias=bias, device=DEV, dtype=DT)
+            pairs.append((a, b))
+        stacked = [(torch.cat([a.weight, b.weight]), None if not bias else torch.cat([a.bias, b.bias]))
+                   for a, b in pairs]
+        xs = [torch.randn(m, d, device=DEV, dtype=DT) for _ in range(sets)]
+        with torch.no_grad():
+            a, b = pairs[0]
+            x = xs[0]
+            ref = [F.linear(x.double(), l.weight.double(), None if l.bias is None else l.bias.double()) for l in (a, b)]
+
+            def err(outs):
+                e = torch.cat([(o.double() - r).abs().flatten() for o, r in zip(outs, ref)])
+                return e.mean().item(), e.max().item()
+
+            cublas_err = err((a(x), b(x)))
+            t_two = timed(lambda i: (pairs[i][0](xs[i]), pairs[i][1](xs[i])), sets)
+            t_one = timed(lambda i: F.linear(xs[i], *stacked[i]), sets)
+            t_tr = timed(lambda i: tuple(torch.mm(l.weight, xs[i].t()).t().contiguous() for l in pairs[i]), sets)
+            print(f"  {name} {m} x {d} -> 2 x {d}{' +bias' if bias else ''}: cuBLAS two {fmt(t_two)}  "
+                  f"cuBLAS stacked {fmt(t_one)}  cuBLAS transposed two {fmt(t_tr)}  (mean / max err vs float64 {cublas_err[0]:.2e} / "
+                  f"{cublas_err[1]:.2e})", flush=True)
+            results = []
+            for cfg in ((64, 128, 4, 4), (128, 128, 4, 3), (32, 128, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4),
+                        (32, 64, 4, 4), (64, 128, 8, 3)):
+                try:
+                    e = err(fused_text.linear_pair(x, a, b, config=cfg))
+                    t = timed(lambda i: fused_text.linear_pair(xs[i], *pairs[i], config=cfg), sets)
+                except Exception as exc:  # a tile configuration past the shared memory
+                    print(f"    {cfg}: {type(exc).__name__}", flush=True)
+                    continue
+                results.append((t[0], cfg, t, e))
+            results.sort()
+            for _, cfg, t, e in results[:6]:
+                print(f"    triton {cfg}: {fmt(t)}  err {e[0]:.2e} / {e[1]:.2e}", flush=True)
+            shipped = fused_text._PAIR_CONFIG[max(16, 1 << (m - 1).bit_length())]
+            ts = [r for r in results if r[1] == shipped]
+            if ts:
+                print(f"    shipped {shipped}: {fmt(ts[0][2])}", flush=True)
+            rows_out.append((name, t_two[0], results[0][0] if results else float("nan"), results[0][1] if results else None))
+        del pairs, stacked, xs
+        torch.cuda.empty_cache()
+    print("gemm summary (median us): shape, cuBLAS two, best Triton pair, its config")
+    for r in rows_out:
+        print(f"  {r[0]:12s} {r[1]:7.1f} {r[2]:7.1f} {r[3]}")
+
+
+def merge():
+    from vlhooks import fused_attention
+
+    print("merge: extra pass + merge (us per call; main pass with LSE timed apart)", flush=True)
+    for name, L, H, n in (("zimage", 4224, 30, 64), ("flux2", 4608, 48, 64), ("zimage", 4224, 30, 128)):
+        sets = 4
+        ops = []
+        for _ in range(sets):
+            q, k, v = (torch.randn(1, L, H, 128, device=DEV, dtype=DT) for _ in range(3))
+            ke, ve = (torch.randn(1, n, H, 128, device=DEV, dtype=DT) for _ in range(2))
+            ops.append((q, k, v, ke, ve))
+        with torch.no_grad():
+            q, k, v, ke, ve = ops[0]
+            cat = F.scaled_dot_product_attention(q.transpose(1, 2), torch.cat([k, ke], 1).transpose(1, 2),
+                                                 torch.cat([v, ve], 1).transpose(1, 2)).transpose(1, 2)
+            t_main = timed(lambda i: fused_attention._main_pass(*(t.transpose(1, 2) for t in ops[i][:3])), sets)
+            line = f"  {name} {L}+{n} x {H} heads: main pass {fmt(t_main)}"
+            for order in (False, True):
+                o = fused_attention.joint_attention(q, k, v, ke, ve, heads_first=order)
+                e = (o.float() - cat.float()).abs().max().item()
+                t = timed(lambda i: fused_attention.joint_attention(*ops[i], heads_first=order), sets)
+                line += (f"; {'heads-first' if order else 'tile-first'} {fmt(t)} (+{t[0] - t_main[0]:.1f}, "
+                         f"max diff vs concat {e:.1e})")
+            print(line, flush=True)
+        del ops
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
+    parts = sys.argv[1:] or ["gemm", "merge"]
+    for p in parts:
+        {"gemm": gemm, "merge": merge}[p]()
