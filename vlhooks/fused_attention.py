@@ -12,7 +12,8 @@ in the `[B, L, H, Dh]` layout the block's output projection reads. Strengths, pa
 logit bias on the extra keys alone, applied inside the extra pass, so the main pass stays on cuDNN without a bias.
 Used by the family processors for joint mode on every row with no mask of the block's own
 (`attention.fused_joint`), eager inference on CUDA, when `pays_off`; everything else, and any machine without
-Triton, takes the concatenation. `VLHOOKS_FUSED_ATTENTION=0` switches it off.
+Triton, takes the concatenation. `VLHOOKS_FUSED_ATTENTION=0` switches it off. The kernel's programs run heads-first
+(neighbours read one tile of tokens across all heads); `VLHOOKS_MERGE_ORDER=tiles` runs them tile-first.
 """
 
 from __future__ import annotations
