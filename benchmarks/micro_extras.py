@@ -52,7 +52,11 @@ def fmt(t) -> str:
 
 
 def gemm():
+    import os
+
     from vlhooks import fused_text
+
+    os.environ["VLHOOKS_FUSED_KV"] = "always"  # every shape here, whatever the default
 
     print("gemm: extra tokens' K and V projections (us per pair of projections)", flush=True)
     rows_out = []

@@ -445,7 +445,7 @@ def test_processors_take_the_text_kernels_and_agree_with_eager(name, tokens, mon
     than leaving the extra keys out. Per patched block the modulation and the key norm are one kernel each, and
     for at most 128 extra tokens the K and V projections a third (`linear_pair`). Later blocks are not compared:
     there bf16 drift of the whole model masks a one-rounding change of the extra keys."""
-    monkeypatch.setenv("VLHOOKS_FUSED_KV", "1")  # opt-in (fused_text)
+    monkeypatch.setenv("VLHOOKS_FUSED_KV", "always")  # also the tiny models' widths on every family
     model, run, width = _BUILDS[name]()
     first = family_for(model).sites(model)[0].attention(model)
     seen = []
@@ -487,7 +487,7 @@ def test_linear_pair_kernel_is_within_one_rounding_of_the_exact_product(rows, bi
     """`fused_text.linear_pair` against float64 `x @ W^T + b`: every output within one rounding of the exact value
     and the bound of float32 sums (accumulation in float32, one rounding at the end), and on average no farther from it than cuBLAS's two GEMMs;
     the rows of a fused weight (a view, as Flux.2's single blocks hold K and V) give the same as copies of them."""
-    monkeypatch.setenv("VLHOOKS_FUSED_KV", "1")
+    monkeypatch.setenv("VLHOOKS_FUSED_KV", "always")
     torch.manual_seed(rows)
     d, out = 512, 384
     a = torch.nn.Linear(d, out, bias=bias, device="cuda", dtype=dtype)
@@ -523,7 +523,7 @@ def test_fresh_adapters_equal_zero_shot_with_the_text_kernels(name, monkeypatch)
     """Step 0 of a trained adapter is zero-shot, bit for bit, also where the text path runs its kernels: a fresh
     `kv` adapter (copies of the block's projections) and a fresh LoRA (the base's GEMM by `linear_pair`, then
     peft's zero delta) launch the same kernels as zero-shot and give its output exactly."""
-    monkeypatch.setenv("VLHOOKS_FUSED_KV", "1")
+    monkeypatch.setenv("VLHOOKS_FUSED_KV", "always")
     model, run, width = _BUILDS[name]()
     feats = _plain_features(width, DT, 64)
     cfg = vh.InjectionConfig(guidance="none")

@@ -16,9 +16,10 @@ Used in eager inference on CUDA (no autograd, no `torch.compile`) where Triton i
 everywhere else the families' eager code runs. `VLHOOKS_FUSED_TEXT=0` switches it off.
 
 `linear_pair` / `matmul_pair` compute the extra tokens' K and V projections (at most 128 rows) in one kernel instead
-of cuBLAS's two GEMMs, with `VLHOOKS_FUSED_KV=1` only: cuBLAS on the two weights stacked takes 19 us where its two
-GEMMs take 34 (Z-Image's 64 x 3840 rows, benchmarks/NOTES.md section 14), so one launch over both weights has room
-to gain, but this kernel's GPU time in the model is not measured yet; until it is, cuBLAS runs.
+of cuBLAS's two GEMMs (which take 24 us where one GEMM over the two weights stacked takes 19, Z-Image's 64 x 3840:
+benchmarks/NOTES.md section 14). Measured in the whole model: Z-Image joint 64 -0.36 points in every repeat, Flux.1
+within the spread. It runs for weights up to 4096 wide (what was measured); `VLHOOKS_FUSED_KV=always` also runs it on
+wider ones (Flux.2's 6144), `VLHOOKS_FUSED_KV=0` never.
 """
 
 from __future__ import annotations
@@ -222,7 +223,8 @@ def matmul_pair(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, ba: torch.T
     to reach the bandwidth, see the module docstring). Float32 accumulation, the bias added before the one rounding, as cuBLAS; the
     order of the sums differs, so an output can land one rounding away. None where not usable."""
     rows = x.numel() // x.shape[-1] if x.ndim else 0
-    if os.environ.get("VLHOOKS_FUSED_KV", "0") != "1":  # opt-in until the whole-model benchmark shows a gain
+    mode = os.environ.get("VLHOOKS_FUSED_KV", "1")
+    if mode == "0" or (mode != "always" and x.shape[-1] > 4096):  # wider weights: not measured in a whole model
         return None
     if (wa.ndim != 2 or wa.shape != wb.shape or wa.shape[1] != x.shape[-1] or not 0 < rows <= 128
             or not _usable(x, wa, wb) or wa.stride(1) != 1 or wb.stride(1) != 1 or (ba is None) != (bb is None)):
