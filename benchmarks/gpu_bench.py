@@ -121,9 +121,12 @@ def free():
 
 
 def save():
-    """results so far to $OUT (a device call's output survives a later failure or timeout)."""
+    """results so far to $OUT (a device call's output survives a later failure or timeout), one file per
+    invocation's parts (`results_partial_<parts>.json`), so that a later run in the same call keeps it."""
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "results_partial.json").write_text(json.dumps(RESULTS, indent=1, sort_keys=True))
+        tag = "_".join(a for a in ARGS if not a.startswith("-"))[:80] or "default"
+        Path(os.environ["OUT"], f"results_partial_{tag}.json").write_text(json.dumps(RESULTS, indent=1,
+                                                                                      sort_keys=True))
 
 
 def record(key: str, ratios: list[float], extra: dict | None = None):
