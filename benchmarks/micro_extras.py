@@ -144,6 +144,27 @@ def merge():
                 line += (f"; {'heads-first' if order else 'tile-first'} {fmt(t)} (+{t[0] - t_main[0]:.1f}, "
                          f"max diff vs concat {e:.1e})")
             print(line, flush=True)
+            # the second pass alone, per tile configuration, on the main pass's outputs; its memory floor: one
+            # element-wise kernel over the same bytes (read q and the main output, write the result)
+            mains = [fused_attention._main_pass(*(t.transpose(1, 2) for t in ops[i][:3])) for i in range(sets)]
+            floor = timed(lambda i: torch.add(ops[i][0], mains[i][0].transpose(1, 2)), sets)
+            auto = timed(lambda i: fused_attention.merge_extra(ops[i][0], *ops[i][3:], *mains[i]), sets)
+            res = []
+            for cfg in ((64, 64, 4, 2), (64, 64, 4, 1), (64, 64, 8, 1), (128, 64, 8, 1), (128, 64, 8, 2),
+                        (32, 64, 4, 1), (32, 64, 2, 1), (16, 64, 2, 1), (128, 64, 4, 1), (256, 64, 8, 1)):
+                if cfg[1] > max(64, n):
+                    continue
+                try:
+                    t = timed(lambda i: fused_attention.merge_extra(ops[i][0], *ops[i][3:], *mains[i], config=cfg),
+                              sets)
+                except Exception as exc:
+                    print(f"    merge {cfg}: {type(exc).__name__}", flush=True)
+                    continue
+                res.append((t[0], cfg, t))
+            res.sort()
+            print(f"    second pass alone: autotuned {fmt(auto)}; floor (add over the same bytes) {fmt(floor)}; "
+                  + "; ".join(f"{c} {fmt(t)}" for _, c, t in res[:6]), flush=True)
+            del mains
         del ops
         torch.cuda.empty_cache()
 

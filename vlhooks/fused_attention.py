@@ -169,9 +169,19 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch
     S references' spatial-mask weight) with `key_segment` `[N]` int32 (the reference of each extra key). A query
     that sees no extra key gets the main pass alone. Returns `[B, Lq, H, Dh]` contiguous. Call only where
     `usable`."""
+    o1, lse1 = _main_pass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, L, Dh], [B, H, L]
+    return merge_extra(q, ek, ev, o1, lse1, key_bias, query_bias, key_segment, heads_first)
+
+
+def merge_extra(q: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor, o1: torch.Tensor, lse1: torch.Tensor,
+                key_bias: torch.Tensor | None = None, query_bias: torch.Tensor | None = None,
+                key_segment: torch.Tensor | None = None, heads_first: bool | None = None,
+                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """The second pass alone: `q` `[B, L, H, Dh]` over the extra keys, merged with the main pass's output `o1`
+    `[B, H, L, Dh]` and log-sum-exp `lse1` `[B, H, L]` (biases as `joint_attention`). `config` `(BLOCK_M,
+    BLOCK_N, num_warps, num_stages)` bypasses the autotuner (for benchmarks)."""
     B, Lq, H, D = q.shape
     N = ek.shape[1]
-    o1, lse1 = _main_pass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, L, Dh], [B, H, L]
     out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     q, ek, ev, o1 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, ek, ev, o1))
     sb_k = 0 if ek.shape[0] == 1 else ek.stride(0)  # one set of extras for every row
@@ -185,12 +195,16 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch
     skb = (0 if kb.shape[0] == 1 else kb.stride(0), kb.stride(1)) if has_kb else (0, 0)
     sqw = (0 if qw.shape[0] == 1 else qw.stride(0), qw.stride(1), qw.stride(2)) if has_qw else (0, 0, 0)
     kernel = _kernel()
+    meta = {}
+    if config is not None:
+        kernel = kernel.fn  # the jitted kernel under the autotuner
+        meta = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), config))
 
     if heads_first is None:
         heads_first = os.environ.get("VLHOOKS_MERGE_ORDER", "heads") == "heads"
 
-    def grid(meta):
-        tiles = -(-Lq // meta["BLOCK_M"])
+    def grid(m):
+        tiles = -(-Lq // m["BLOCK_M"])
         return (B * H, tiles) if heads_first else (tiles, B * H)
 
     kernel[grid](q, ek, ev, o1, lse1, out, kb, qw, seg,
@@ -199,5 +213,5 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch
                  o1.stride(0), o1.stride(2), o1.stride(1), lse1.stride(0), lse1.stride(1), lse1.stride(2),
                  out.stride(0), out.stride(1), out.stride(2), *skb, *sqw,
                  H, Lq, N, D ** -0.5 * 1.4426950408889634, HEAD_DIM=D, HAS_KB=has_kb, HAS_QW=has_qw,
-                 HEADS_FIRST=bool(heads_first))
+                 HEADS_FIRST=bool(heads_first), **meta)
     return out
