@@ -315,8 +315,6 @@ def zimage():
                                f64, vh.InjectionConfig(), env={"VLHOOKS_FUSED_TEXT": "0"}), fn=fwd),
         dict(injection_variant("zimage_joint_64_cublas_kv_ratio", "Z-Image joint 64, extras' K/V by cuBLAS", m,
                                f64, vh.InjectionConfig(), env={"VLHOOKS_FUSED_KV": "0"}), fn=fwd),
-        dict(injection_variant("zimage_joint_64_split_kv_ratio", "Z-Image joint 64, extras' K/V kernel split in two",
-                               m, f64, vh.InjectionConfig(), env={"VLHOOKS_FUSED_KV": "split"}), fn=fwd),
         dict(injection_variant("zimage_multiref_4x64_ratio", "Z-Image 4 refs x 64 tok, quadrant masks, 30 blocks",
                                m, refs, vh.InjectionConfig()), fn=fwd),
         dict(injection_variant("zimage_multiref_4x64_concat_ratio", "Z-Image 4 x 64 masked, two-pass kernel off",
@@ -325,7 +323,6 @@ def zimage():
     r = group("zimage", fwd, variants)
     paired("zimage_joint_64_text_kernels_minus_eager", r, "zimage_joint_64_ratio", "zimage_joint_64_eager_text_ratio")
     paired("zimage_joint_64_kv_kernel_minus_cublas", r, "zimage_joint_64_ratio", "zimage_joint_64_cublas_kv_ratio")
-    paired("zimage_joint_64_split_kv_minus_kernel", r, "zimage_joint_64_split_kv_ratio", "zimage_joint_64_ratio")
     peak_memory("zimage_joint_64_peak_memory_ratio", fwd,
                 lambda: vh.apply_injection(m, f64, vh.InjectionConfig()), fwd)
     peak_memory("zimage_multiref_4x64_peak_memory_ratio", fwd,
@@ -397,9 +394,6 @@ def flux():
                                "off", m, feats, vh.InjectionConfig(), env={"VLHOOKS_FUSED_TEXT": "0"}), fn=fwd),
         dict(injection_variant("flux_vlhooks_57blocks_128_cublas_kv_ratio", "Flux joint 128 x 57, extras' K/V by "
                                "cuBLAS", m, feats, vh.InjectionConfig(), env={"VLHOOKS_FUSED_KV": "0"}), fn=fwd),
-        dict(injection_variant("flux_vlhooks_57blocks_128_split_kv_ratio", "Flux joint 128 x 57, extras' K/V kernel "
-                               "split in two", m, feats, vh.InjectionConfig(), env={"VLHOOKS_FUSED_KV": "split"}),
-             fn=fwd),
         {"key": "flux_diffusers_ipadapter_ratio", "label": "Flux diffusers FluxIPAdapterAttnProcessor 128 x 19",
          "setup": lambda: m.set_attn_processor(dict(ip_procs)), "teardown": restore,
          "fn": lambda: fwd({"ip_hidden_states": [ip]})},
@@ -417,8 +411,6 @@ def flux():
            "flux_vlhooks_57blocks_128_eager_text_ratio")
     paired("flux_57blocks_kv_kernel_minus_cublas", r, "flux_vlhooks_57blocks_128_ratio",
            "flux_vlhooks_57blocks_128_cublas_kv_ratio")
-    paired("flux_57blocks_split_kv_minus_kernel", r, "flux_vlhooks_57blocks_128_split_kv_ratio",
-           "flux_vlhooks_57blocks_128_ratio")
     paired("flux_vlhooks_minus_diffusers_ipadapter", r, "flux_vlhooks_ipadapter_ratio",
            "flux_diffusers_ipadapter_ratio")
     paired("flux_imported_vlhooks_minus_diffusers", r, "flux_imported_ipadapter_vlhooks_ratio",
@@ -482,10 +474,7 @@ def flux2():
         dict(injection_variant("flux2_joint_64_eager_text_ratio", "Flux.2 joint 64, text-path kernels off", m, feats,
                                vh.InjectionConfig(), env={"VLHOOKS_FUSED_TEXT": "0"}), fn=fwd),
         dict(injection_variant("flux2_joint_64_kv_kernel_ratio", "Flux.2 joint 64, extras' K/V in one kernel", m,
-                               feats, vh.InjectionConfig(), env={"VLHOOKS_FUSED_KV": "always"}), fn=fwd),
-        dict(injection_variant("flux2_joint_64_split_kv_ratio", "Flux.2 joint 64, extras' K/V kernel split in two", m,
-                               feats, vh.InjectionConfig(), env={"VLHOOKS_FUSED_KV": "split"}), fn=fwd)])
-    paired("flux2_joint_64_split_kv_minus_kernel", r, "flux2_joint_64_split_kv_ratio", "flux2_joint_64_kv_kernel_ratio")
+                               feats, vh.InjectionConfig(), env={"VLHOOKS_FUSED_KV": "always"}), fn=fwd)])
     paired("flux2_joint_64_text_kernels_minus_eager", r, "flux2_joint_64_ratio", "flux2_joint_64_eager_text_ratio")
     paired("flux2_joint_64_kv_kernel_minus_cublas", r, "flux2_joint_64_kv_kernel_ratio", "flux2_joint_64_ratio")
     peak_memory("flux2_joint_64_peak_memory_ratio", fwd, lambda: vh.apply_injection(m, feats, vh.InjectionConfig()),

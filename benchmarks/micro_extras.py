@@ -4,13 +4,12 @@
   stacked (one GEMM: its bound), and `fused_text.linear_pair` (one Triton kernel) for every tile configuration;
   error of each against float64;
 - `merge`: the two-pass kernel's extra pass and merge (`fused_attention.joint_attention`), programs ordered
-  tile-first (the earlier grid) against heads-first;
+  tile-first (the earlier grid) against heads-first; then the second pass alone (`merge_extra`) for each tile
+  configuration against its memory floor (one element-wise kernel over the same bytes);
 - `l2`: whether the extras' K/V GEMMs find the block's K / V weights still in L2 after the block's own projections
   of its L tokens: the block's Q, K, V GEMMs alone, then with the extras' pair before them (Flux.1's order today),
   after K (Z-Image's), after V, or split (the extras' K right after the block's K, their V right after its V), each minus the block
-  alone; beside them the pair on cold weights;
-- `splitk` (an experiment, not the shipped kernel): the pair with its reduction split in S parts (S times the
-  programs) and a fixed-order reduction kernel, against the shipped kernel and cuBLAS.
+  alone; beside them the pair on cold weights.
 
 Each timing queues 20 calls behind 1.4 ms of other GPU work (so the GPU's time is measured, not the host's launch
 cost: a Triton launch takes ~40 us of Python) over rotating copies of the operands (so that no weight or activation sits
@@ -218,120 +217,8 @@ def l2():
         torch.cuda.empty_cache()
 
 
-def _splitk_kernels():
-    """An experiment, not the shipped kernel: `linear_pair` with the reduction dimension split in `S` parts
-    (programs `(j, w, s)`: `S` times the programs), float32 partials `[S, 2, M, O]`, then one reduction kernel that
-    sums them in a fixed order, adds the bias and rounds once (deterministic, no atomics)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def partial_kernel(X, W, WS, M, NO, KD, KS, sx_m, sw_n, DW,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_n = tl.program_id(0)
-        second = tl.program_id(1).to(tl.int64)
-        part = tl.program_id(2)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = part * KS + tl.arange(0, BLOCK_K)
-        in_m = offs_m < M
-        x_ptr = X + offs_m[:, None] * sx_m + offs_k[None, :]
-        w_ptr = W + second * DW + offs_n[:, None] * sw_n + offs_k[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for _ in range(0, KS, BLOCK_K):
-            x = tl.load(x_ptr, mask=in_m[:, None], other=0.0)
-            w = tl.load(w_ptr)
-            acc = tl.dot(x, tl.trans(w), acc)
-            x_ptr += BLOCK_K
-            w_ptr += BLOCK_K
-        o_ptr = WS + (part * 2 + second) * M * NO + offs_m[:, None] * NO + offs_n[None, :]
-        tl.store(o_ptr, acc, mask=in_m[:, None])
-
-    @triton.jit
-    def reduce_kernel(WS, B, OUT, MNO, NO, S: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        second = tl.program_id(1)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inb = offs < MNO
-        acc = tl.zeros([BLOCK], tl.float32)
-        for part in tl.static_range(S):
-            acc += tl.load(WS + (part * 2 + second) * MNO + offs, mask=inb, other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(B + second * NO + offs % NO, mask=inb, other=0.0).to(tl.float32)
-        tl.store(OUT + second * MNO + offs, acc.to(OUT.dtype.element_ty), mask=inb)
-
-    return partial_kernel, reduce_kernel
-
-
-def splitk_pair(x, wa, wb, bias, S, bn, bk, warps, stages):
-    """`(x @ wa^T + bias[0], x @ wb^T + bias[1])` by the split-reduction experiment; `wa`, `wb` contiguous `[O, D]`
-    of one storage layout (any two: the second is reached by its element offset), `bias` `[2, O]` or None."""
-    partial_kernel, reduce_kernel = _splitk_kernels()
-    m, kd = x.shape
-    no = wa.shape[0]
-    block_m = max(16, 1 << (m - 1).bit_length())
-    ks = kd // S
-    assert kd % S == 0 and ks % bk == 0 and no % bn == 0
-    dw = (wb.data_ptr() - wa.data_ptr()) // wa.element_size()
-    ws = torch.empty(S, 2, m, no, device=x.device, dtype=torch.float32)
-    partial_kernel[(no // bn, 2, S)](x, wa, ws, m, no, kd, ks, x.stride(0), wa.stride(0), dw,
-                                     BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    out = torch.empty(2, m, no, device=x.device, dtype=x.dtype)
-    block = 1024
-    reduce_kernel[(-(-(m * no) // block), 2)](ws, x if bias is None else bias, out, m * no, no, S=S,
-                                              HAS_BIAS=bias is not None, BLOCK=block)
-    return out[0], out[1]
-
-
-def splitk():
-    from vlhooks import fused_text
-
-    import os
-    os.environ["VLHOOKS_FUSED_KV"] = "always"
-    print("splitk: the extras' K/V pair with the reduction split in S parts (an experiment) against the shipped "
-          "kernel and cuBLAS (us per pair; error vs float64 mean / max)", flush=True)
-    for name, m, d, bias in (("zimage", 64, 3840, False), ("flux", 128, 3072, True), ("flux2", 64, 6144, False)):
-        sets = max(2, int(400e6 // (2 * d * d * 2)) + 1)
-        pairs = [tuple(nn.Linear(d, d, bias=bias, device=DEV, dtype=DT) for _ in range(2)) for _ in range(sets)]
-        xs = [torch.randn(m, d, device=DEV, dtype=DT) for _ in range(sets)]
-        biases = [torch.stack([p.bias, q.bias]).detach() if bias else None for p, q in pairs]
-        with torch.no_grad():
-            a, b = pairs[0]
-            ref = [F.linear(xs[0].double(), l.weight.double(), None if l.bias is None else l.bias.double())
-                   for l in (a, b)]
-
-            def err(outs):
-                e = torch.cat([(o.double() - r).abs().flatten() for o, r in zip(outs, ref)])
-                return f"{e.mean().item():.2e} / {e.max().item():.2e}"
-
-            t_two = timed(lambda i: (pairs[i][0](xs[i]), pairs[i][1](xs[i])), sets, queue=3)
-            t_ship = timed(lambda i: fused_text.linear_pair(xs[i], *pairs[i]), sets, queue=3)
-            line = (f"  {name} {m} x {d}: cuBLAS two {fmt(t_two)} err {err((a(xs[0]), b(xs[0])))}; shipped "
-                    f"{fmt(t_ship)} err {err(fused_text.linear_pair(xs[0], a, b))}")
-            print(line, flush=True)
-            res = []
-            for S in (2, 3, 4):
-                for bn, bk, warps, stages in ((64, 128, 4, 4), (128, 128, 4, 3), (64, 64, 4, 4), (32, 128, 4, 4)):
-                    if d % S or (d // S) % bk:
-                        continue
-                    def run(i, S=S, cfg=(bn, bk, warps, stages)):
-                        p, q = pairs[i]
-                        return splitk_pair(xs[i], p.weight, q.weight, biases[i], S, *cfg)
-                    try:
-                        e = err(run(0))
-                        t = timed(run, sets, queue=3)
-                    except Exception as exc:
-                        print(f"    S {S} {(bn, bk, warps, stages)}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
-                        continue
-                    res.append((t[0], S, (bn, bk, warps, stages), t, e))
-            res.sort()
-            for _, S, cfg, t, e in res[:5]:
-                print(f"    split {S} {cfg}: {fmt(t)} err {e}", flush=True)
-        del pairs, xs
-        torch.cuda.empty_cache()
-
-
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
     parts = sys.argv[1:] or ["gemm", "merge", "l2"]
     for p in parts:
-        {"gemm": gemm, "merge": merge, "l2": l2, "splitk": splitk}[p]()
+        {"gemm": gemm, "merge": merge, "l2": l2}[p]()

@@ -17,12 +17,12 @@ everywhere else the families' eager code runs. `VLHOOKS_FUSED_TEXT=0` switches i
 
 `linear_pair` / `matmul_pair` compute the extra tokens' K and V projections (at most 128 rows) in one kernel instead
 of cuBLAS's two GEMMs (which take 24 us where one GEMM over the two weights stacked takes 19, Z-Image's 64 x 3840:
-benchmarks/NOTES.md section 14). Measured in the whole model: Z-Image joint 64 -0.36 points in every repeat, Flux.1
-within the spread. It runs for weights up to 4096 wide (what was measured); `VLHOOKS_FUSED_KV=always` also runs it on
-wider ones (Flux.2's 6144), `VLHOOKS_FUSED_KV=0` never. `VLHOOKS_FUSED_KV=split` (an experiment, every width)
-splits the reduction in two parts, each program summing half of it into float32 partials, then one small kernel sums
-the parts in a fixed order and adds the bias before the one rounding: twice the programs on the weights, where one
-program per output block leaves SMs idle (Flux.1's 3072: 96 programs on 132 SMs).
+benchmarks/NOTES.md section 14). In the whole model, kernel minus cuBLAS per repeat (three calls, section 15): Z-Image
+joint 64 -0.0036 (every repeat), +0.0010, +0.0030 at the median, Flux.1 +0.0008, -0.0020, -0.0010: within the
+machine spread; with it, the decoupled `kv` adapter was faster than diffusers' IP-Adapter processor in every repeat
+of both calls that measured it (without it, in one call, not every repeat). It runs for weights up to 4096 wide
+(what was measured); `VLHOOKS_FUSED_KV=always` also runs it on wider ones (Flux.2's 6144: +0.0023 [-0.0005,
++0.0041], so not by default), `VLHOOKS_FUSED_KV=0` never.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ from torch import nn
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """`(modulate, norm_rope, linear_pair, pair_part, pair_sum)` Triton kernels, compiled on first use; None where
-    Triton is missing."""
+    """`(modulate, norm_rope)` Triton kernels, compiled on first use; None where Triton is missing."""
     try:
         import triton
         import triton.language as tl
@@ -125,44 +124,7 @@ def _kernels():
         o_ptr = OUT + second * M * NO + offs_m[:, None] * NO + offs_n[None, :]
         tl.store(o_ptr, acc.to(OUT.dtype.element_ty), mask=in_m[:, None])
 
-    @triton.jit
-    def pair_part_kernel(X, W, WS, M, NO, KD, KS, sx_m, sw_n, DW,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # `linear_pair_kernel` over one part of the reduction: program (j, w, s) sums k in [s * KS, (s + 1) * KS)
-        # into float32 partials WS[s, w] ([S, 2, M, NO]), so that twice / S times the programs share the weights
-        pid_n = tl.program_id(0)
-        second = tl.program_id(1).to(tl.int64)
-        part = tl.program_id(2).to(tl.int64)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = part * KS + tl.arange(0, BLOCK_K)
-        in_m = offs_m < M
-        x_ptr = X + offs_m[:, None] * sx_m + offs_k[None, :]
-        w_ptr = W + second * DW + offs_n[:, None] * sw_n + offs_k[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for _ in range(0, KS, BLOCK_K):  # KS % BLOCK_K == 0 (the caller checks)
-            x = tl.load(x_ptr, mask=in_m[:, None], other=0.0)
-            w = tl.load(w_ptr)
-            acc = tl.dot(x, tl.trans(w), acc)
-            x_ptr += BLOCK_K
-            w_ptr += BLOCK_K
-        tl.store(WS + (part * 2 + second) * M * NO + offs_m[:, None] * NO + offs_n[None, :], acc,
-                 mask=in_m[:, None])
-
-    @triton.jit
-    def pair_sum_kernel(WS, B, OUT, MNO, NO, DB, S: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        # OUT[w] = round(sum_s WS[s, w] + bias_w): the parts in a fixed order (deterministic), one rounding
-        second = tl.program_id(1).to(tl.int64)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inb = offs < MNO
-        acc = tl.zeros([BLOCK], tl.float32)
-        for part in tl.static_range(S):
-            acc += tl.load(WS + (part * 2 + second) * MNO + offs, mask=inb, other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(B + second * DB + offs % NO, mask=inb, other=0.0).to(tl.float32)
-        tl.store(OUT + second * MNO + offs, acc.to(OUT.dtype.element_ty), mask=inb)
-
-    return modulate_kernel, norm_rope_kernel, linear_pair_kernel, pair_part_kernel, pair_sum_kernel
+    return modulate_kernel, norm_rope_kernel, linear_pair_kernel
 
 
 def enabled() -> bool:
@@ -265,7 +227,7 @@ def matmul_pair(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, ba: torch.T
     order of the sums differs, so an output can land one rounding away. None where not usable."""
     rows = x.numel() // x.shape[-1] if x.ndim else 0
     mode = os.environ.get("VLHOOKS_FUSED_KV", "1")
-    if mode == "0" or (mode not in ("always", "split") and x.shape[-1] > 4096):  # wider: not measured in a model
+    if mode == "0" or (mode != "always" and x.shape[-1] > 4096):  # wider weights: not measured in a whole model
         return None
     if (wa.ndim != 2 or wa.shape != wb.shape or wa.shape[1] != x.shape[-1] or not 0 < rows <= 128
             or not _usable(x, wa, wb) or wa.stride(1) != 1 or wb.stride(1) != 1 or (ba is None) != (bb is None)):
@@ -283,19 +245,8 @@ def matmul_pair(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, ba: torch.T
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(2, rows, no, dtype=x.dtype, device=x.device)
-    parts = 2 if mode == "split" and kd % (2 * bk) == 0 else 1
-    if parts == 1:
-        _kernels()[2][(no // bn, 2)](
-            x2, wa, wa if ba is None else ba, out, rows, no, kd, x2.stride(0), wa.stride(0), dw // size, db // size,
-            HAS_BIAS=ba is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    else:  # the reduction in two parts (float32 partials), then their sum and the bias, rounded once
-        ws = torch.empty(parts, 2, rows, no, dtype=torch.float32, device=x.device)
-        _kernels()[3][(no // bn, 2, parts)](
-            x2, wa, ws, rows, no, kd, kd // parts, x2.stride(0), wa.stride(0), dw // size,
-            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-        block = 1024
-        _kernels()[4][(-(-(rows * no) // block), 2)](
-            ws, wa if ba is None else ba, out, rows * no, no, db // size, S=parts, HAS_BIAS=ba is not None,
-            BLOCK=block)
+    _kernels()[2][(no // bn, 2)](
+        x2, wa, wa if ba is None else ba, out, rows, no, kd, x2.stride(0), wa.stride(0), dw // size, db // size,
+        HAS_BIAS=ba is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     shape = (*x.shape[:-1], no)
     return out[0].view(shape), out[1].view(shape)
