@@ -11,8 +11,9 @@
   after K (Z-Image's), after V, or split (the extras' K right after the block's K, their V right after its V), each minus the block
   alone; beside them the pair on cold weights.
 
-Each timing queues 20 calls behind 1.4 ms of other GPU work (so the GPU's time is measured, not the host's launch
-cost: a Triton launch takes ~40 us of Python) over rotating copies of the operands (so that no weight or activation sits
+Each timing queues 20 calls behind 1.4 ms of other GPU work (4.2 ms for the second pass alone, whose autotuned
+dispatch costs the host more), so the GPU's time is measured, not the host's launch cost (a Triton launch takes
+~40 us of Python), over rotating copies of the operands (so that no weight or activation sits
 in the 50 MB L2 across calls, as in the model, where every block has its own), per-call mean; the median and
 min-max of 10 such timings are printed.
 
