@@ -11,7 +11,8 @@ share one plain timing and drift of the machine cancels. A row's figure is the m
     python benchmarks/gpu_bench.py --tiny [parts...]   # dry run on the CPU: tiny widths, the same code paths
     python benchmarks/gpu_bench.py --calls 5 --reps 10 flux   # each timing: 5 calls back to back (per-call mean)
     parts also: throughput_zimage, throughput_flux (one family each), zimage_sweep (64/256/729 tokens, embedding
-    route), loop (8-step pipeline), compile, peer_profile (the imported IP-Adapter vs diffusers', kernel by kernel)
+    route), loop (8-step pipeline), compile, peer_profile (the imported IP-Adapter vs diffusers', kernel by kernel),
+    clocks (SM clock and power in windows of plain and patched Z-Image forwards)
 
 Writes benchmarks/results.json (merging with the keys already there; `--tiny` writes $OUT/results_tiny.json or
 /tmp instead) and $OUT/results.json, and prints a table last.
@@ -928,10 +929,125 @@ def compiled():
     RESULTS["compile_speedup_patched_over_unpatched_speedup"] = round(speedups["patched"] / speedups["plain"], 4)
 
 
+class _Energy:
+    """The GPU's total energy counter (NVML's `nvmlDeviceGetTotalEnergyConsumption`, millijoules since the driver
+    loaded), read through ctypes from the driver's own library: no Python package needed."""
+
+    def __init__(self, index: int = 0):
+        import ctypes
+
+        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
+        if self.lib.nvmlInit_v2() != 0:
+            raise RuntimeError("nvmlInit_v2 failed")
+        self.handle = ctypes.c_void_p()
+        if self.lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(self.handle)) != 0:
+            raise RuntimeError("nvmlDeviceGetHandleByIndex_v2 failed")
+        self.value = ctypes.c_ulonglong()
+        self.ctypes = ctypes
+
+    def joules(self) -> float:
+        if self.lib.nvmlDeviceGetTotalEnergyConsumption(self.handle, self.ctypes.byref(self.value)) != 0:
+            raise RuntimeError("nvmlDeviceGetTotalEnergyConsumption failed")
+        return self.value.value / 1e3
+
+
+def clocks():
+    """SM clock, board power and energy while Z-Image's plain and patched forwards run, in alternating windows of
+    back-to-back forwards (`nvidia-smi` sampling every 50 ms; NVML's energy counter read around each window): does
+    the patched forward run at a lower clock (the block's own kernels take longer patched at the same counts;
+    benchmarks/NOTES.md section 15 c), and what does each variant cost in energy?"""
+    import datetime
+    import subprocess
+
+    if DEV != "cuda":
+        print("clocks: needs a GPU and nvidia-smi; skipped", flush=True)
+        return
+    m = model("z_image")
+    lat, t, cap = zimage_inputs()
+
+    @torch.no_grad()
+    def fwd():
+        m([lat], t, [cap], return_dict=False)
+
+    variants = {"plain": None,
+                "joint 64": (vh.VLFeatures(rnd(1, 64, 2560)), {}),
+                "joint 8": (vh.VLFeatures(rnd(1, 8, 2560)), {}),
+                "joint 64, two-pass off": (vh.VLFeatures(rnd(1, 64, 2560)), {"VLHOOKS_FUSED_ATTENTION": "0"}),
+                "joint 64, K/V by cuBLAS": (vh.VLFeatures(rnd(1, 64, 2560)), {"VLHOOKS_FUSED_KV": "0"})}
+    try:
+        energy = _Energy()
+        energy.joules()
+    except (OSError, RuntimeError) as e:
+        print(f"clocks: no NVML energy counter ({e}); energy not measured", flush=True)
+        energy = None
+    fields = "timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+    log = Path(os.environ.get("OUT", "/tmp"), "clocks_smi.csv")
+    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-lms", "50"],
+                           stdout=log.open("w"), stderr=subprocess.STDOUT)
+    windows = []  # (variant, start, end, ms per forward, joules per forward)
+    n = 24
+    try:
+        for _ in range(REPS):
+            for name, spec in variants.items():
+                h = None
+                if spec is not None:
+                    os.environ.update(spec[1])
+                    h = vh.apply_injection(m, spec[0], vh.InjectionConfig())
+                fwd()
+                torch.cuda.synchronize()
+                t0 = time.time()
+                e0 = energy.joules() if energy else 0.0
+                ms = _time(fwd, n)
+                e1 = energy.joules() if energy else 0.0
+                windows.append((name, t0, time.time(), ms, (e1 - e0) / n))
+                if h is not None:
+                    h.remove()
+                    for k in spec[1]:
+                        os.environ.pop(k, None)
+    finally:
+        time.sleep(0.2)
+        smi.terminate()
+        smi.wait()
+    samples = []
+    for line in log.read_text().splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        try:
+            ts = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            samples.append((ts, float(parts[1]), float(parts[2]), float(parts[3]), float(parts[4]), parts[5]))
+        except (ValueError, IndexError):
+            continue
+    print(f"clocks: {len(samples)} nvidia-smi samples", flush=True)
+    rows = {name: [] for name in variants}
+    for name, a, b, ms, joules in windows:
+        inside = [s for s in samples if a + 0.3 <= s[0] <= b]  # the first 0.3 s after a switch left out
+        if not inside:
+            continue
+        sm = statistics.median(s[1] for s in inside)
+        pw = statistics.median(s[3] for s in inside)
+        reasons = sorted({s[5] for s in inside})
+        rows[name].append((ms, sm, pw, joules))
+        print(f"clocks: {name:24s} {ms:8.2f} ms/forward {joules:7.2f} J/forward  SM {sm:6.0f} MHz  power {pw:6.1f} W"
+              f"  temp {statistics.median(s[4] for s in inside):.0f} C  throttle {reasons} n={len(inside)}", flush=True)
+    slug = {"joint 64": "joint_64", "joint 8": "joint_8", "joint 64, two-pass off": "joint_64_concat",
+            "joint 64, K/V by cuBLAS": "joint_64_cublas_kv"}
+    for name, key in slug.items():
+        pairs = list(zip(rows["plain"], rows[name]))
+        if not pairs:
+            continue
+        for i, what in ((0, "time"), (1, "sm_clock"), (2, "power"), (3, "energy")):
+            if what == "energy" and energy is None:
+                continue
+            r = [q[i] / p[i] for p, q in pairs]
+            record(f"zimage_{key}_{what}_ratio_in_clock_windows", r)
+            print(f"clocks: {name:24s} / plain {what:8s}: {statistics.median(r):.4f} [{min(r):.4f}, {max(r):.4f}] "
+                  f"n={len(r)}", flush=True)
+    save()
+
+
 PARTS = {"zimage": zimage, "train": train, "flux": flux, "throughput": throughput, "qwenimage": qwenimage,
          "flux2": flux2, "lightning": lightning, "profile": profile_part, "peer_profile": peer_profile,
          "throughput_zimage": lambda: throughput(("z_image",)), "throughput_flux": lambda: throughput(("flux",)),
-         "zimage_sweep": zimage_sweep, "loop": loop, "compile": compiled}
+         "zimage_sweep": zimage_sweep, "loop": loop, "compile": compiled, "clocks": clocks}
 DEFAULT = ["zimage", "train", "lightning", "throughput", "flux", "profile", "qwenimage", "flux2"]
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ def _adapters(model, family):
         "projection-linear": vh.ProjectionAdapter.create(model, w),
         "projection-mlp": vh.ProjectionAdapter.create(model, w, kind="mlp"),
         "projection-mixer": vh.ProjectionAdapter.create(model, w, kind="mlp", mix_depth=2, heads=2),
+        "projection-codes": vh.ProjectionAdapter.create(model, w, kind="mlp", codes=4, code_tokens=5),
         "kv": vh.KVAdapter.create(model),
         "kv-double-only": vh.KVAdapter.create(model, blocks=[0, 1]),
         "lora": vh.LoRAAdapter.create(model, rank=4, alpha=8),
@@ -135,6 +136,32 @@ def test_token_mixer_reads_every_token_and_ignores_padding():
         vh.ProjectionAdapter.create(model, w, kind="resampler", mix_depth=1)
     with pytest.raises(vh.AdapterError, match="must divide the feature width"):
         vh.ProjectionAdapter.create(model, w, kind="mlp", mix_depth=1, heads=w + 1)
+
+
+@torch.no_grad()
+def test_codebook_adds_the_routed_mix_of_codes():
+    """`codes`: the projection's output is the mlp's plus softmax(router(LN(flatten(tokens, padding zeroed)))) @
+    codebook, written out here by hand; a wrong token count and a resampler with codes fail with the fix."""
+    model = _frozen("z_image")
+    w = caption_width("z_image")
+    adapter = vh.ProjectionAdapter.create(model, w, kind="mlp", codes=3, code_tokens=5)
+    _perturb(adapter)
+    x = _feats("z_image", n=5).tokens  # [1, 5, C]
+    mask = torch.tensor([[True, True, True, False, False]])
+    cb = adapter.codebook
+    flat = (x * mask[..., None]).flatten(1)  # [1, 5C]
+    flat = (flat - flat.mean(-1, keepdim=True)) / torch.sqrt(flat.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    flat = flat * cb.norm.weight + cb.norm.bias
+    weights = torch.softmax(flat @ cb.router.weight.T + cb.router.bias, -1)  # [1, 3]
+    codes = (weights[:, :, None, None] * cb.codebook[None]).sum(1)  # [1, 5, C]
+    mlp = vh.ProjectionAdapter.create(model, w, kind="mlp")
+    mlp.load_state_dict({k: v for k, v in adapter.state_dict().items() if not k.startswith("codebook.")})
+    torch.testing.assert_close(adapter.project(x, mask), mlp.project(x, mask) + codes, rtol=1e-5, atol=1e-5)
+    assert codes.abs().max() > 1e-3  # the perturbed codebook matters
+    with pytest.raises(vh.AdapterError, match="reads 5 tokens per reference, got 7"):
+        adapter.project(_feats("z_image", n=7).tokens)
+    with pytest.raises(vh.AdapterError, match="codes applies to the linear and mlp"):
+        vh.ProjectionAdapter.create(model, w, kind="resampler", codes=4)
 
 
 def test_lora_changes_only_the_injected_tokens():

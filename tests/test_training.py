@@ -72,9 +72,10 @@ def test_class_objective_adds_the_cross_entropy_of_the_reference_class(data, tmp
     module.handle = vh.apply_injection(module.dit, None, module.injection, adapter=module.adapter)
     with torch.no_grad():
         with_head = module.compute_loss(batch, torch.Generator().manual_seed(3))
-        head, module.class_head = module.class_head, None
+        head = module.class_head
+        module.hparams.class_weight = 0.0
         without = module.compute_loss(batch, torch.Generator().manual_seed(3))
-        module.class_head = head
+        module.hparams.class_weight = 0.5
         tokens = module.adapter.project(batch["features"].float())  # [B, N, C], no padding in this data
         logits = tokens.mean(1) @ head.weight.T + head.bias  # [B, 4]
         labels = batch["label"].long()
@@ -89,6 +90,38 @@ def test_class_objective_adds_the_cross_entropy_of_the_reference_class(data, tmp
 
     assert (load_file(tmp_path / "with/adapter_model.safetensors").keys()
             == load_file(tmp_path / "plain/adapter_model.safetensors").keys())
+
+
+def test_class_objective_with_a_codebook_reads_the_router(data, tmp_path):
+    """With a codebook projection, `model.class_weight` adds weight x the cross-entropy of the router's first
+    `num_classes` logits (written out by hand); no separate head is built."""
+    n = _batch(data)["features"].shape[1]
+    spec = dict(ADAPTERS["projection"], codes=5, code_tokens=n)
+    module = _module(spec, class_weight=0.5, num_classes=4, drop_image=0.0, drop_text=0.0, drop_both=0.0)
+    assert module.class_head is None
+    with torch.no_grad():
+        for p in module.adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    batch = _batch(data)
+    module.handle = vh.apply_injection(module.dit, None, module.injection, adapter=module.adapter)
+    with torch.no_grad():
+        with_router = module.compute_loss(batch, torch.Generator().manual_seed(3))
+        module.hparams.class_weight = 0.0
+        without = module.compute_loss(batch, torch.Generator().manual_seed(3))
+        module.hparams.class_weight = 0.5
+        cb = module.adapter.codebook
+        flat = torch.nn.functional.layer_norm(batch["features"].float().flatten(1), (cb.norm.normalized_shape[0],),
+                                              cb.norm.weight, cb.norm.bias)
+        logits = (flat @ cb.router.weight.T + cb.router.bias)[:, :4]
+        labels = batch["label"].long()
+        ce = (torch.logsumexp(logits, 1) - logits[torch.arange(len(labels)), labels]).mean()
+    module.release()
+    assert ce > 0.1
+    torch.testing.assert_close(with_router - without, 0.5 * ce, rtol=1e-5, atol=1e-6)
+    from vlhooks.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"codes \(3\) must be at least model.num_classes \(4\)"):
+        _module(dict(spec, codes=3), class_weight=0.5, num_classes=4)
 
 
 def test_class_objective_errors_name_the_fix(data):

@@ -369,7 +369,7 @@ class AdapterModule(L.LightningModule):
         with self._dit_precision(dev, dtype):
             pred, target = self.family.prediction_and_target(self.dit, x0, noise, sigma, caption.to(dtype), mask,
                                                              None if pooled is None else pooled.to(dtype))
-        if teacher is None and not h.get("token_weight") and self.class_head is None:
+        if teacher is None and not h.get("token_weight") and not h.get("class_weight"):
             return F.mse_loss(pred.float(), target.float())
         keep = (~drop_img).to(dev)  # rows without a reference do not depend on the adapter
         loss = h.get("flow_weight", 1.0) * F.mse_loss(pred.float(), target.float())
@@ -380,11 +380,11 @@ class AdapterModule(L.LightningModule):
             from .objectives import caption_token_loss
 
             loss = loss + h.token_weight * caption_token_loss(self.adapter, batch, feats, fmask)
-        if self.class_head is not None:  # the reference's class read from the adapter's tokens (objectives.py)
+        if h.get("class_weight"):  # the reference's class read from the adapter (objectives.py)
             from .objectives import reference_class_loss
 
             loss = loss + h.class_weight * reference_class_loss(self.class_head, self.adapter, batch, feats, fmask,
-                                                                keep)
+                                                                keep, h.num_classes)
         return loss
 
     # A bf16 / fp16 DiT runs its forward in its own dtype, outside the `bf16-mixed` autocast: what Lightning's

@@ -92,28 +92,40 @@ def _projection_of(adapter, option: str):
     return proj
 
 
-def class_head(adapter, num_classes: int) -> torch.nn.Linear:
-    """The training-only head of `reference_class_loss`: caption width -> `num_classes` logits."""
-    return torch.nn.Linear(_projection_of(adapter, "class_weight").config.caption_width, num_classes)
+def class_head(adapter, num_classes: int) -> torch.nn.Linear | None:
+    """The training-only head of `reference_class_loss`: caption width -> `num_classes` logits; None for a
+    projection with a codebook, whose router's logits are read instead (it needs `codes` >= `num_classes`)."""
+    proj = _projection_of(adapter, "class_weight")
+    if getattr(proj, "codebook", None) is not None:
+        if proj.config.options.codes < num_classes:
+            raise TrainingError(f"model.class_weight with a codebook reads the router's logits: its codes "
+                                f"({proj.config.options.codes}) must be at least model.num_classes ({num_classes}).")
+        return None
+    return torch.nn.Linear(proj.config.caption_width, num_classes)
 
 
 def reference_class_loss(head, adapter, batch: dict, features: torch.Tensor, feature_mask: torch.Tensor | None,
-                         keep: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of `head` over the mean of the adapter's caption-space tokens against the rows' labels
-    (rows in `keep`: those whose reference is injected)."""
+                         keep: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Cross-entropy of `head` over the mean of the adapter's caption-space tokens (head None: of the codebook
+    router's first `num_classes` logits) against the rows' labels (rows in `keep`: those whose reference is
+    injected)."""
     if "label" not in batch:
         raise TrainingError("model.class_weight > 0 needs labelled items: use a source with labels (mnist, digits) "
                             "or give a folder source a label column.")
     proj = _projection_of(adapter, "class_weight")
     dtype = next(proj.parameters()).dtype
-    out = proj.project(features.to(dtype), feature_mask).float()  # [B, M, C]
-    m = proj.output_mask(feature_mask)
-    w = torch.ones(out.shape[:2], device=out.device) if m is None else m.to(out.device).float()  # [B, M]
-    pooled = (out * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)  # [B, C]
-    labels = torch.as_tensor(batch["label"], device=out.device).long()  # [B]
-    if labels.min() < 0 or labels.max() >= head.out_features:
+    if head is None:  # the codebook's router
+        logits = proj.codebook.logits(features.to(dtype), feature_mask)[:, :num_classes].float()  # [B, K]
+    else:
+        out = proj.project(features.to(dtype), feature_mask).float()  # [B, M, C]
+        m = proj.output_mask(feature_mask)
+        w = torch.ones(out.shape[:2], device=out.device) if m is None else m.to(out.device).float()  # [B, M]
+        pooled = (out * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)  # [B, C]
+        logits = head(pooled.to(head.weight.dtype)).float()  # [B, K]
+    labels = torch.as_tensor(batch["label"], device=logits.device).long()  # [B]
+    if labels.min() < 0 or labels.max() >= num_classes:
         raise TrainingError(f"model.class_weight: labels span {int(labels.min())}..{int(labels.max())} but "
-                            f"model.num_classes is {head.out_features}; set model.num_classes to at least "
+                            f"model.num_classes is {num_classes}; set model.num_classes to at least "
                             f"{int(labels.max()) + 1}.")
-    ce = torch.nn.functional.cross_entropy(head(pooled.to(head.weight.dtype)).float(), labels, reduction="none")
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     return (ce * keep).sum() / keep.sum().clamp_min(1)

@@ -7,6 +7,10 @@ Kinds:
 - `mix_depth` (linear and mlp kinds): that many self-attention layers over one reference's tokens before the map,
   `x + out(attn(LN(x)))` with `out` zero-initialised (step 0 is still exactly zero-shot): the map then reads every
   token of the reference at once, as a probe of the features does, instead of each token on its own.
+- `codes` (linear and mlp kinds): a codebook bottleneck beside the map. A router reads all `code_tokens` tokens of a
+  reference at once (flattened, as a linear probe of the features does) and picks a soft mix of `codes` learned
+  token sets `[code_tokens, C]`, added to the map's output. The codebook starts at zero (step 0 is still exactly
+  zero-shot); trained, each code is one shared answer for every reference the router sends to it.
 - `resampler`: `num_tokens` learned queries cross-attending to the features (IP-Adapter-Plus style). It changes the
   token count, so no zero-shot exists to reproduce; queries start at N(0, 0.02^2) like IP-Adapter-Plus.
 Where the feature width differs from the caption width, zero-shot does not exist either: the Linear layers start
@@ -30,7 +34,9 @@ KINDS = ("linear", "mlp", "resampler")
 class ProjectionOptions(Options):
     """`kind`: `linear` | `mlp` | `resampler`. `hidden`: the mlp's hidden width (None: twice the caption width).
     `num_tokens`, `depth`, `heads`: the resampler's learned queries, layers and attention heads. `mix_depth`:
-    self-attention layers over the reference's tokens before a linear or mlp map (`heads` heads each)."""
+    self-attention layers over the reference's tokens before a linear or mlp map (`heads` heads each). `codes`,
+    `code_tokens`: a codebook of that many learned token sets and the reference token count its router reads (0
+    codes: none)."""
 
     kind: str = "linear"
     hidden: int | None = None
@@ -38,6 +44,8 @@ class ProjectionOptions(Options):
     depth: int = 2
     heads: int = 4
     mix_depth: int = 0
+    codes: int = 0
+    code_tokens: int = 17
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -48,6 +56,13 @@ class ProjectionOptions(Options):
                 raise AdapterError(f"projection option {k} must be a positive int, got {v!r}.")
         if not isinstance(self.mix_depth, int) or isinstance(self.mix_depth, bool) or self.mix_depth < 0:
             raise AdapterError(f"projection option mix_depth must be an int >= 0, got {self.mix_depth!r}.")
+        for k in ("codes", "code_tokens"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "codes" else 1):
+                raise AdapterError(f"projection option {k} must be an int >= {0 if k == 'codes' else 1}, got {v!r}.")
+        if self.codes and self.kind == "resampler":
+            raise AdapterError("projection option codes applies to the linear and mlp kinds (set codes: 0 or "
+                               "kind: mlp).")
         if self.mix_depth and self.kind == "resampler":
             raise AdapterError("projection option mix_depth applies to the linear and mlp kinds; the resampler "
                                "mixes tokens already (set mix_depth: 0 or kind: mlp).")
@@ -81,6 +96,32 @@ class _TokenMixer(nn.Module):
             a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
             x = x + layer["out"](a.transpose(1, 2).reshape(b, n, d))
         return x  # [B, N, F]
+
+
+class _Codebook(nn.Module):
+    """`codes` learned token sets `[T, C]` and a router over a reference's `T` tokens flattened: `softmax(router(
+    LN(flatten(x)))) @ codebook`. The codebook starts at zero: the module adds nothing at step 0."""
+
+    def __init__(self, in_dim: int, dim: int, codes: int, tokens: int):
+        super().__init__()
+        self.tokens = tokens
+        self.norm = nn.LayerNorm(tokens * in_dim)
+        self.router = nn.Linear(tokens * in_dim, codes)
+        self.codebook = nn.Parameter(torch.zeros(codes, tokens, dim))
+
+    def logits(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The router's logits `[B, codes]` for features `[B, N, F]` (N = `tokens`; padding zeroed)."""
+        if x.shape[1] != self.tokens:
+            raise AdapterError(f"this projection's codebook reads {self.tokens} tokens per reference, got "
+                               f"{x.shape[1]}: use the image encoder settings it was trained with (the "
+                               "adapter's feature source), or train with code_tokens set to the new count.")
+        if mask is not None:
+            x = x * mask[..., None].to(x.dtype)
+        return self.router(self.norm(x.flatten(1)))  # [B, K]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.logits(x, mask).softmax(-1)  # [B, K]
+        return torch.einsum("bk,ktc->btc", w, self.codebook)  # [B, T, C]
 
 
 class _Resampler(nn.Module):
@@ -121,6 +162,7 @@ class ProjectionAdapter(Adapter):
         f, c = config.feature_width, config.caption_width
         self.kind = o.kind
         self.mixer = _TokenMixer(f, o.mix_depth, o.heads) if o.mix_depth else None
+        self.codebook = _Codebook(f, c, o.codes, o.code_tokens) if o.codes else None
         if o.kind == "linear":
             self.proj = nn.Linear(f, c)
             nn.init.zeros_(self.proj.bias)
@@ -151,13 +193,13 @@ class ProjectionAdapter(Adapter):
 
     def project(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Features `[B, N, F]` -> caption-space tokens `[B, N, C]` (resampler: `[B, M, C]`)."""
-        if self.mixer is not None:
-            tokens = self.mixer(tokens, mask)  # [B, N, F]
-        if self.kind == "linear":
-            return self.proj(tokens)
-        if self.kind == "mlp":
-            return self.skip(tokens) + self.mlp(tokens)
-        return self.resampler(tokens, mask)
+        if self.kind == "resampler":
+            return self.resampler(tokens, mask)
+        x = tokens if self.mixer is None else self.mixer(tokens, mask)  # [B, N, F]
+        out = self.proj(x) if self.kind == "linear" else self.skip(x) + self.mlp(x)  # [B, N, C]
+        if self.codebook is not None:
+            out = out + self.codebook(tokens, mask)
+        return out
 
     def output_mask(self, mask):
         return None if self.kind == "resampler" else mask
