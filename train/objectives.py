@@ -19,7 +19,9 @@ caption length emits a token sequence of the caption's shape.
 Reference classification (`model.class_weight > 0`, items with labels): a linear head, trained with the adapter and
 thrown away after (it is in resume checkpoints, not in the adapter folder), reads the reference's class from the
 mean of the projection's caption-space tokens; the term `class_weight * cross-entropy` asks those tokens to keep
-the classes apart from the first steps, where the distillation's signal through the DiT is weak.
+the classes apart from the first steps, where the distillation's signal through the DiT is weak. With a codebook
+projection (`codes`, adapters/projection.py) no head is built: the term is the cross-entropy of the router's own
+logits, so each class learns to route to one code, which the DiT's objective then shapes into what it reads.
 """
 
 from __future__ import annotations
