@@ -67,7 +67,7 @@ from vlhooks.images import resize, to_uint8
 from .arms import INJECTING, random_control
 from .config import check_config, load_config
 from .metrics import METRIC_DOCS, METRIC_ORDER, Scorer, bootstrap_ci, per_class, summarize
-from .report import format_studies, format_table, log_wandb, make_grid, write_metrics, write_report
+from .report import check_out, claim_out, format_studies, format_table, log_wandb, make_grid, write_metrics, write_report
 
 CHANCE = 0.1  # ten classes
 
@@ -240,6 +240,7 @@ def run(cfg: dict[str, Any], command: str = "vlhooks compare") -> dict[str, Any]
     timings: dict[str, float] = {}
     arms = check_config(cfg, check_files=True)  # before anything heavy is loaded or written
     out = Path(cfg["out"])
+    check_out(out)  # before the world loads: a folder of the user's is refused, not written into
     announce_caches()
     if cfg["world"] == "pipeline":
         from .pipeline_world import PipelineWorld
@@ -334,7 +335,7 @@ def run(cfg: dict[str, Any], command: str = "vlhooks compare") -> dict[str, Any]
         extra["classifier_heldout_accuracy"] = world.classifier_accuracy
         extra["note"] = (f"The shipped classifier scores {world.classifier_accuracy:.1%} on the 1000 real held-out "
                          "digits; references come from those held-out digits unless the config says otherwise.")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out(out)
     labels = [f"{int(world.ref_labels[i])}" for i in range(grid_refs)] if labelled else None
     make_grid(world.ref_small[:grid_refs], [a.name for a in arms], cells, labels=labels,
               marks=marks if labelled else None).save(out / "grid.png")

@@ -13,8 +13,41 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vlhooks.errors import CompareError
+
 from .arms import Arm
 from .metrics import HIGHER_IS_BETTER, METRIC_DOCS
+
+MARKER = ".vlhooks-outputs"  # written into every folder these commands fill; its presence makes re-runs replace
+
+
+def _written_before(out: Path, summary: tuple[str, str]) -> bool:
+    """Whether `out` holds the summary file (name, key) that the command writes, from before it left `MARKER`."""
+    try:
+        return summary[1] in json.loads((out / summary[0]).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_out(out: Path, command: str = "vlhooks compare", summary: tuple[str, str] = ("metrics.json", "arms")) -> None:
+    """Raise `CompareError` unless `out` is new, empty, or a folder a previous run of `command` filled (it holds
+    `MARKER`, or the command's `summary` file): called before anything heavy loads, so a user's files stay intact
+    and the error comes at once."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out} is a file; pass a folder (new, or one that {command} wrote before).")
+    if (out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file()
+            and not _written_before(out, summary)):
+        raise CompareError(f"--out {out} holds files that {command} did not write; pass another --out (a new or "
+                           f"empty folder, or one a previous run wrote: those outputs are replaced).")
+
+
+def claim_out(out: Path, command: str = "vlhooks compare", summary: tuple[str, str] = ("metrics.json", "arms")) -> None:
+    """`check_out`, then create `out` and mark it as this command's."""
+    out = Path(out)
+    check_out(out, command, summary)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(f"written by {command}; a re-run with this --out replaces the outputs beside it\n")
 
 
 def make_grid(ref_images: list[np.ndarray], arms: list[str], cells: dict[str, list[list[np.ndarray]]],

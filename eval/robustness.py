@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -37,8 +38,10 @@ def run_robustness(out: str = "outputs/robustness", arms: list[str] | None = Non
                    sets: list[str] | None = None) -> dict:
     from .compare import run
     from .config import load_config
+    from .report import claim_out
 
     t0 = time.time()
+    claim_out(Path(out), "python -m vlhooks.eval.robustness", ("robustness.json", "sets"))  # a user's folder: refused
     results: dict = {"sets": {}, "count": count}
     for name in sets or list(SETS):
         cfg = load_config(None)
@@ -88,7 +91,13 @@ def main(argv=None) -> int:
     p.add_argument("--sets", nargs="+", choices=list(SETS))
     p.add_argument("--arms", nargs="+")
     a = p.parse_args(argv)
-    r = run_robustness(a.out, a.arms, a.references, a.seeds, a.image_guidance, a.sets)
+    from vlhooks.errors import CompareError
+
+    try:
+        r = run_robustness(a.out, a.arms, a.references, a.seeds, a.image_guidance, a.sets)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_robustness(r))
     print(f"\n{r['seconds']} s; {Path(a.out) / 'robustness.json'}")
     return 0

@@ -335,6 +335,70 @@ def test_bad_steps_on_the_command_line_exit_2(tmp_path, capsys):
     assert "references.count must be an integer >= 1" in capsys.readouterr().err and not out.exists()
 
 
+def test_a_folder_of_the_users_is_refused_before_anything_loads(tmp_path, monkeypatch, capsys):
+    """`--out` holding files no compare wrote: refused with the fix named, nothing loaded, nothing written."""
+    def no_world(*args, **kwargs):
+        raise AssertionError("the world was loaded before --out was checked")
+
+    monkeypatch.setattr(ToyWorld, "__init__", no_world)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "grid.png").write_bytes(b"my own picture")
+    cfg = toy_cfg(tmp_path, references={"split": "heldout", "count": 2, "seed": 0})
+    with pytest.raises(CompareError, match="did not write; pass another --out"):
+        run(cfg)
+    assert main(["--out", str(out), "--no-studies"]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png"]
+    assert (out / "grid.png").read_bytes() == b"my own picture"
+    file = tmp_path / "afile"
+    file.write_text("x")
+    with pytest.raises(CompareError, match="is a file"):
+        run(toy_cfg(tmp_path, out=str(file)))
+    assert file.read_text() == "x"
+
+
+def test_outputs_of_an_earlier_run_are_replaced(tmp_path):
+    """A folder a run filled (its marker, or an older run's metrics.json) is taken again; the marker is written."""
+    from vlhooks.eval.report import MARKER, check_out, claim_out
+
+    new = tmp_path / "new"
+    claim_out(new)
+    assert (new / MARKER).is_file()
+    (new / "metrics.json").write_text("{}")
+    check_out(new)  # marked: accepted
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.json").write_text(json.dumps({"arms": {}, "seeds": [0]}))
+    check_out(old)  # written by an older compare, before the marker
+    (old / "metrics.json").write_text(json.dumps({"loss": 1}))  # someone else's metrics.json
+    with pytest.raises(CompareError, match="did not write"):
+        check_out(old)
+
+
+def test_robustness_and_provenance_leave_a_users_files_intact(tmp_path, capsys):
+    from vlhooks.eval import provenance, robustness
+
+    out = tmp_path / "rob"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    assert robustness.main(["--out", str(out), "--sets", "heldout"]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.md"] and (out / "notes.md").read_text() == "mine"
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    recipe = ROOT / "configs/toy/projection.yaml"
+    provenance.main([str(folder), "--recipe", str(recipe)])
+    first = json.loads((folder / "training.json").read_text())
+    assert first["steps"] == yaml.safe_load(recipe.read_text())["trainer"]["max_steps"]
+    (folder / "training.json").write_text('{"kept": true}')
+    assert provenance.main([str(folder), "--recipe", str(recipe)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.loads((folder / "training.json").read_text()) == {"kept": True}
+    assert provenance.main([str(folder), "--recipe", str(recipe), "--overwrite"]) == 0
+    assert json.loads((folder / "training.json").read_text())["recipe"] == str(recipe)
+
+
 # ------------------------------------------------------------------------------------------- the pipeline world
 @pytest.mark.slow
 def test_pipeline_world_on_a_saved_tiny_pipeline(tmp_path):

@@ -8,8 +8,10 @@ label, drawn with the data seed) under its own random augmentation, encoded once
 (`features` `[copies, N, D]` per row); `AdapterModule` draws one variant per row and step.
 
 Augmentations (each applied with probability `p` per variant, in this order; every range is drawn uniformly):
-- `rotate` (degrees, +-), `scale` ([lo, hi]), `translate` (fraction of the side, +-): one random affine map,
-  border filled with the image's background (its darkest value for grey digits: black).
+- `rotate` (degrees, +-), `scale` ([lo, hi]), `aspect` ([lo, hi] width factor, drawn log-uniformly: a digit
+  normalised to fill its box, as some scanners do, is wider or narrower than one scaled to keep its shape),
+  `translate` (fraction of the side, +-): one random affine map, border filled with the image's background (its
+  darkest value for grey digits: black).
 - `morph` ([lo, hi] integer radius): grey dilation (> 0: thicker strokes of light ink) or erosion (< 0).
 - `low_res` ([lo, hi] side in pixels) with probability `low_res_p`: down-sampled (area) and up-sampled back
   (bilinear), as a small scan or a thumbnail would be.
@@ -40,6 +42,7 @@ class AugmentSpec:
     keep_first: bool = True
     rotate: float = 0.0
     scale: list = field(default_factory=lambda: [1.0, 1.0])
+    aspect: list = field(default_factory=lambda: [1.0, 1.0])
     translate: float = 0.0
     morph: list = field(default_factory=lambda: [0, 0])
     low_res: list = field(default_factory=lambda: [0, 0])
@@ -64,13 +67,13 @@ class AugmentSpec:
             v = getattr(out, name)
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise TrainingError(f"data.augment.{name} must be a probability in [0, 1], got {v!r}.")
-        for name in ("scale", "morph", "low_res", "blur", "contrast", "gamma"):
+        for name in ("scale", "aspect", "morph", "low_res", "blur", "contrast", "gamma"):
             v = getattr(out, name)
             if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
                     and v[0] <= v[1]):
                 raise TrainingError(f"data.augment.{name} must be a range [lo, hi] with lo <= hi, got {v!r}.")
-        if out.scale[0] <= 0 or out.gamma[0] <= 0 or out.blur[0] < 0 or out.contrast[0] < 0:
-            raise TrainingError("data.augment: scale and gamma must be > 0, blur and contrast >= 0.")
+        if out.scale[0] <= 0 or out.aspect[0] <= 0 or out.gamma[0] <= 0 or out.blur[0] < 0 or out.contrast[0] < 0:
+            raise TrainingError("data.augment: scale, aspect and gamma must be > 0, blur and contrast >= 0.")
         return out
 
 
@@ -105,12 +108,16 @@ def augment_images(images: list[np.ndarray], spec: AugmentSpec, g: torch.Generat
     B, C, H, W = x.shape
     on = torch.rand(B, generator=g) < spec.p
     bg = x.amin(dim=(2, 3), keepdim=True)  # [B, C, 1, 1] background (darkest value)
-    # affine: rotation, isotropic scale, translation
+    # affine: rotation, isotropic scale, translation, then the width stretched by `aspect`
     ang = _u(g, B, -spec.rotate, spec.rotate) * math.pi / 180.0
     sc = _u(g, B, *spec.scale)
     tx, ty = _u(g, B, -spec.translate, spec.translate) * 2, _u(g, B, -spec.translate, spec.translate) * 2
+    asp = torch.ones(B)
+    if list(spec.aspect) != [1.0, 1.0]:  # drawn only when asked, so that older recipes draw what they drew
+        asp = torch.exp(_u(g, B, math.log(spec.aspect[0]), math.log(spec.aspect[1])))
     cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # [B, 2, 3]
+    # output -> input coordinates: (R S)^-1 applied to (x / aspect, y)
+    theta = torch.stack([torch.stack([cos / asp, -sin, tx], 1), torch.stack([sin / asp, cos, ty], 1)], 1)  # [B, 2, 3]
     grid = F.affine_grid(theta, (B, C, H, W), align_corners=False)
     moved = F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
     y = torch.where(on[:, None, None, None], moved, x)
