@@ -12,7 +12,9 @@ share one plain timing and drift of the machine cancels. A row's figure is the m
     python benchmarks/gpu_bench.py --calls 5 --reps 10 flux   # each timing: 5 calls back to back (per-call mean)
     parts also: throughput_zimage, throughput_flux (one family each), zimage_sweep (64/256/729 tokens, embedding
     route), loop (8-step pipeline), compile, peer_profile (the imported IP-Adapter vs diffusers', kernel by kernel),
-    clocks (SM clock and power in windows of plain and patched Z-Image forwards)
+    clocks (SM clock and power in windows of plain and patched Z-Image forwards), graphs (Qwen-Image, Z-Image and
+    Flux.1 joint, plain and patched each replayed as one CUDA graph: the host out of both sides;
+    VLHOOKS_BENCH_GRAPHS=qwenimage,zimage,flux picks the models)
 
 Writes benchmarks/results.json (merging with the keys already there; `--tiny` writes $OUT/results_tiny.json or
 /tmp instead) and $OUT/results.json, and prints a table last.
@@ -1044,10 +1046,107 @@ def clocks():
     save()
 
 
+def _outputs(o) -> list[torch.Tensor]:
+    """The tensors of a transformer's output (a tuple, a list per sample, or a tensor), flattened in order."""
+    if torch.is_tensor(o):
+        return [o]
+    return [t for x in o for t in _outputs(x)] if isinstance(o, (list, tuple)) else []
+
+
+def _capture(fn):
+    """`fn` (one no-grad forward that returns its output) as a CUDA graph: three warm calls on a side stream (caches
+    filled, kernels tuned), then the capture. Returns the graph and the output tensors it writes on replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g), torch.no_grad():
+        out = _outputs(fn())
+    return g, out
+
+
+def _graph_pair(key: str, label: str, fwd, patch) -> None:
+    """Plain and patched forwards, each captured as a CUDA graph, replayed alternately (`CALLS` replays a timing):
+    the device's cost of the patch with the host taken out of both sides. Before timing, each graph's replay is
+    checked against the same forward run eagerly (bit for bit, or its largest difference is recorded)."""
+    with torch.no_grad():
+        eager_plain = [t.clone() for t in _outputs(fwd())]
+    g_plain, out_plain = _capture(fwd)
+    handle = patch()
+    try:
+        with torch.no_grad():
+            eager_patched = [t.clone() for t in _outputs(fwd())]
+        g_patched, out_patched = _capture(fwd)
+        for name, g, out, ref in (("plain", g_plain, out_plain, eager_plain),
+                                  ("patched", g_patched, out_patched, eager_patched)):
+            g.replay()
+            sync()
+            diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(out, ref))
+            RESULTS[f"{key}_{name}_graph_max_abs_diff_vs_eager"] = diff
+            print(f"graphs: {label} {name}: replay vs eager max |diff| {diff:.3g}", flush=True)
+        RESULTS[f"{key}_patched_differs_from_plain"] = any(not torch.equal(a, b) for a, b in
+                                                           zip(out_patched, out_plain))
+        tp, tq = [], []
+        for i in range(WARM + REPS):
+            p, q = _time(g_plain.replay, CALLS), _time(g_patched.replay, CALLS)
+            if i >= WARM:
+                tp.append(p)
+                tq.append(q)
+        r = [q / p for q, p in zip(tq, tp)]
+        mp, mq = statistics.median(tp), statistics.median(tq)
+        record(key, r, {key + "_ms": [round(mp, 2), round(mq, 2)]})
+        ROWS.append((label, key, mp, mq, statistics.median(r), min(r), max(r), len(r)))
+        print(f"graphs: {label:60s} plain {mp:8.2f} ms  variant {mq:8.2f} ms  ratio {statistics.median(r):.4f} "
+              f"[{min(r):.4f}, {max(r):.4f}] n={len(r)}", flush=True)
+    finally:
+        handle.remove()
+        del g_plain
+        free()
+    save()
+
+
+def graphs():
+    """Qwen-Image, Z-Image and Flux.1 joint injection, plain and patched forwards each replayed as one CUDA graph.
+    Eagerly, Qwen-Image's plain forward leaves the GPU idle on the host for 20-45 ms of its ~175 and its ratio moves
+    by tens of points between runs; replayed, the host is out of both sides and the ratio is the device's."""
+    if DEV != "cuda":
+        return
+    sel = os.environ.get("VLHOOKS_BENCH_GRAPHS", "qwenimage,zimage,flux").split(",")
+    if "qwenimage" in sel:
+        m = model("qwen_image")
+        kw = dict(hidden_states=rnd(1, 4096, 64), encoder_hidden_states=rnd(1, 128, 3584),
+                  encoder_hidden_states_mask=None, timestep=torch.tensor([0.5], device=DEV, dtype=DT),
+                  img_shapes=[[(1, 64, 64)]], return_dict=False)
+        feats = vh.VLFeatures(rnd(1, 64, 3584))
+        _graph_pair("qwenimage_joint_64_graph_ratio", "Qwen-Image joint 64 tok, all blocks, CUDA graphs",
+                    lambda: m(**kw), lambda: vh.apply_injection(m, feats, vh.InjectionConfig()))
+    if "zimage" in sel:
+        m = model("z_image")
+        lat, t, cap = zimage_inputs()
+        f64 = vh.VLFeatures(rnd(1, 64, 2560))
+        _graph_pair("zimage_joint_64_graph_ratio", "Z-Image joint 64 tok x 30 blocks, CUDA graphs",
+                    lambda: m([lat], t, [cap], return_dict=False), lambda: vh.apply_injection(m, f64, vh.InjectionConfig()))
+    if "flux" in sel:
+        m = model("flux")
+        hs, ehs, pooled = rnd(1, 4096, 64), rnd(1, 512, 4096), rnd(1, 768)
+        ts, gd = torch.full((1,), 0.5, device=DEV, dtype=DT), torch.full((1,), 3.5, device=DEV, dtype=DT)
+        img_ids = torch.zeros(4096, 3, device=DEV)
+        img_ids[:, 1] = torch.arange(64, device=DEV).repeat_interleave(64)
+        img_ids[:, 2] = torch.arange(64, device=DEV).repeat(64)
+        txt_ids = torch.zeros(512, 3, device=DEV)
+        feats = vh.VLFeatures(rnd(1, 128, 4096))
+        _graph_pair("flux_vlhooks_57blocks_128_graph_ratio", "Flux joint 128 tok x 57 blocks, CUDA graphs",
+                    lambda: m(hs, ehs, pooled, ts, img_ids, txt_ids, gd, return_dict=False),
+                    lambda: vh.apply_injection(m, feats, vh.InjectionConfig()))
+
+
 PARTS = {"zimage": zimage, "train": train, "flux": flux, "throughput": throughput, "qwenimage": qwenimage,
          "flux2": flux2, "lightning": lightning, "profile": profile_part, "peer_profile": peer_profile,
          "throughput_zimage": lambda: throughput(("z_image",)), "throughput_flux": lambda: throughput(("flux",)),
-         "zimage_sweep": zimage_sweep, "loop": loop, "compile": compiled, "clocks": clocks}
+         "zimage_sweep": zimage_sweep, "loop": loop, "compile": compiled, "clocks": clocks, "graphs": graphs}
 DEFAULT = ["zimage", "train", "lightning", "throughput", "flux", "profile", "qwenimage", "flux2"]
 
 if __name__ == "__main__":

@@ -345,6 +345,32 @@ def test_patched_forward_adds_no_host_sync(build):
     assert patched <= plain, (plain, patched)
 
 
+@pytest.mark.parametrize("name", list(_BUILDS))
+def test_patched_forward_replays_as_a_cuda_graph(name):
+    """A patched forward captured in a CUDA graph (what `torch.compile(mode="reduce-overhead")` and the benchmark's
+    `graphs` part do) replays to the eager patched output bit for bit, and differs from the plain one."""
+    model, run, width = _BUILDS[name]()
+    feats = _plain_features(width, DT)
+    with torch.no_grad():
+        plain = run().clone()
+        with vh.inject(model, feats, vh.InjectionConfig(guidance="none")):
+            eager = run().clone()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    run()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = run()
+            out.zero_()
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager)
+    assert not torch.equal(eager, plain)
+
+
 class _Counted:
     """A Triton kernel whose launches are counted."""
 
