@@ -26,6 +26,31 @@ class Arm:
     settings: dict[str, Any] = field(default_factory=dict)  # what is shown in the report's config diff
 
 
+class ReferenceFeatures:
+    """The references' features per encoder spec: the config's `encoder` for zero-shot arms, and for an adapter the
+    encoder it was trained with (`adapter.config.feature_source`: name, size, layer), each encoded once."""
+
+    def __init__(self, images: list, spec: dict[str, Any]):
+        self.images = images
+        self._encoded: dict[str, Any] = {}
+        self.default = self._encode(dict(spec))
+
+    def _encode(self, spec: dict[str, Any]):
+        import vlhooks as vh
+        from vlhooks.train.encoders import image_encoder
+
+        key = json.dumps(spec, sort_keys=True, default=str)
+        if key not in self._encoded:
+            tokens, mask = image_encoder(dict(spec))(self.images)  # [R, N, D]
+            self._encoded[key] = vh.VLFeatures(tokens.float(), mask=mask)
+        return self._encoded[key]
+
+    def for_adapter(self, adapter=None):
+        """The features `adapter` was trained on (the default where it records no encoder)."""
+        spec = dict(getattr(getattr(adapter, "config", None), "feature_source", None) or {})
+        return self._encode(spec) if "name" in spec else self.default
+
+
 def _adapter_type(path: str) -> str | None:
     from vlhooks.adapters.base import CONFIG_NAME
 

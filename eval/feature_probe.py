@@ -7,8 +7,12 @@ probes on the training split: a logistic regression on all tokens flattened, on 
 CLS alone, and a one-hidden-layer MLP on all tokens (standardised). An adapter that read the class perfectly from
 these features could not do better than the best probe on each set (times the DiT's text-conditional ceiling).
 
-    python -m vlhooks.eval.feature_probe [--sizes 56 112] [--encoder dinov2-small] [--out outputs/feature_probe]
-                                         [--limit N]
+    python -m vlhooks.eval.feature_probe [--sizes 56 112] [--layers last 6] [--encoder dinov2-small]
+                                         [--out outputs/feature_probe] [--limit N]
+
+`--layers` (DINOv2): the encoder layer each probe reads, `last` (after the final norm) or a block index (the
+residual stream after that many blocks, as `image_encoder: {layer: 6}` gives it); rows are keyed `56` for the last
+layer and `56, layer 6` for the others.
 
 Writes `probe.json` (accuracy per size, probe and set; encode seconds per image) and prints a table. About 1 min at
 56 px and 3 min at 112 px on one core (224 px: ~12 min); `--limit` keeps N digits of each set (a quick check).
@@ -42,7 +46,8 @@ def _sets(limit: int | None) -> dict[str, tuple[list, np.ndarray]]:
     return sets
 
 
-def encode(size: int, sets: dict, batch: int = 50, encoder: str = "dinov2-small") -> tuple[dict[str, np.ndarray], float]:
+def encode(size: int, sets: dict, batch: int = 50, encoder: str = "dinov2-small",
+           layer: int | str = "last") -> tuple[dict[str, np.ndarray], float]:
     """Tokens `[n, T, C]` of every set (DINOv2-S: `T = 1 + (size / 14)^2` with CLS first), and the encode time per
     image."""
     from vlhooks.train.encoders import image_encoder
@@ -50,6 +55,8 @@ def encode(size: int, sets: dict, batch: int = 50, encoder: str = "dinov2-small"
     spec = {"name": encoder, "image_size": size}
     if encoder == "dinov2-small":
         spec["include_cls"] = True
+        if layer != "last":
+            spec["layer"] = int(layer)
     enc = image_encoder(spec)
     feats, n, t0 = {}, 0, time.perf_counter()
     for name, (images, _) in sets.items():
@@ -86,13 +93,13 @@ def fit(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], cls: bool =
 
 
 def run_probe(sizes: list[int], out: str | None = None, limit: int | None = None,
-              encoder: str = "dinov2-small") -> dict:
+              encoder: str = "dinov2-small", layers: list[int | str] | None = None) -> dict:
     sets = _sets(limit)
     labels = {k: y for k, (_, y) in sets.items()}
     results = {"encoder": encoder, "sizes": {}, "counts": {k: len(y) for k, y in labels.items()}}
-    for size in sizes:
-        feats, s_per_image = encode(size, sets, encoder=encoder)
-        results["sizes"][str(size)] = {"probes": fit(feats, labels, cls=encoder == "dinov2-small"),
+    for size, layer in ((s, l) for s in sizes for l in (layers or ["last"])):
+        feats, s_per_image = encode(size, sets, encoder=encoder, layer=layer)
+        results["sizes"][str(size) if layer == "last" else f"{size}, layer {layer}"] = {"probes": fit(feats, labels, cls=encoder == "dinov2-small"),
                                        "encode_s_per_image": round(s_per_image, 4),
                                        "tokens": int(feats["train"].shape[1])}
     if out is not None:
@@ -122,11 +129,16 @@ def main(argv=None) -> int:
     p.add_argument("--encoder", default="dinov2-small", choices=["dinov2-small", "efficientnet-lite0"])
     p.add_argument("--out", default="outputs/feature_probe")
     p.add_argument("--limit", type=int, default=None, help="keep this many digits of each set (a quick check)")
+    p.add_argument("--layers", nargs="+", default=["last"],
+                   help="DINOv2 layers to probe: last (after the final norm) or block indices 0-12")
     a = p.parse_args(argv)
+    bad_layers = [x for x in a.layers if x != "last" and not (x.isdigit() and 0 <= int(x) <= 12)]
+    if bad_layers or (a.encoder != "dinov2-small" and a.layers != ["last"]):
+        p.error(f"--layers takes 'last' or block indices 0-12 of dinov2-small; got {a.layers} for {a.encoder}")
     bad = [s for s in a.sizes if s <= 0 or (a.encoder == "dinov2-small" and s % 14)]
     if bad:
         p.error(f"--sizes must be positive (multiples of 14, DINOv2's patch size, for dinov2-small); got {bad}")
-    results = run_probe(a.sizes, a.out, a.limit, a.encoder)
+    results = run_probe(a.sizes, a.out, a.limit, a.encoder, [x if x == "last" else int(x) for x in a.layers])
     print(format_probe(results))
     print(f"wrote {results['written']}")
     return 0

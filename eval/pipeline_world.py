@@ -17,7 +17,7 @@ import torch
 from vlhooks.errors import CompareError
 from vlhooks.images import resize
 
-from .arms import INJECTING, Arm
+from .arms import INJECTING, Arm, ReferenceFeatures
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -42,7 +42,6 @@ class PipelineWorld:
         from diffusers import DiffusionPipeline
 
         import vlhooks as vh
-        from vlhooks.train.encoders import image_encoder
 
         self.cfg = cfg
         spec = dict(cfg["pipeline"])  # checked by `check_config`
@@ -57,8 +56,8 @@ class PipelineWorld:
         self.metric_size = int(spec.get("metric_size", 128))  # large pipeline images are scored at this size
         self.ref_small = [resize(a, self.metric_size) for a in self.ref_images]
         self.real_images = self.ref_small
-        tokens, mask = image_encoder(dict(cfg["encoder"]))(self.ref_images)  # [R, N, D]
-        self.features = vh.VLFeatures(tokens.float(), mask=mask)
+        self.encoded = ReferenceFeatures(self.ref_images, cfg["encoder"])  # [R, N, D] per encoder spec
+        self.features = self.encoded.default
         size = self.metric_size
         self.score_size = max(56, min(224, size - size % 14))  # DINOv2-S / EfficientNet-Lite0 input size
 
@@ -102,8 +101,8 @@ class PipelineWorld:
             else:
                 kw["prompt"] = [prompt] * len(rows)
             if arm.kind in INJECTING:
-                mask = None if self.features.mask is None else self.features.mask[rows]
-                feats = vh.VLFeatures(self.features.tokens[rows], mask=mask)
+                own = self.encoded.for_adapter(adapter)
+                feats = vh.VLFeatures(own.tokens[rows], mask=None if own.mask is None else own.mask[rows])
                 from .toy_world import injection_config
 
                 config = injection_config(self.cfg["injection"], adapter if arm.kind == "adapter" else None)

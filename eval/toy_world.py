@@ -6,13 +6,12 @@ reference) and optional image guidance, and the labels the class metrics need.""
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 import numpy as np
 import torch
 
-from .arms import INJECTING, Arm
+from .arms import INJECTING, Arm, ReferenceFeatures
 
 
 def to16(images: list[np.ndarray]) -> list[np.ndarray]:
@@ -44,7 +43,6 @@ class ToyWorld:
         from vlhooks.encoders import load_minilm
         from vlhooks.models import load_transformer
         from vlhooks.train.data import load_source
-        from vlhooks.train.encoders import image_encoder
 
         from .references import load_references
         from .toy import load_classifier
@@ -58,8 +56,8 @@ class ToyWorld:
         self.ref_small = to16(self.ref_images)  # the references at the toy world's size, for the metrics and grid
         raw = load_source("mnist", split="heldout")
         self.real_images = to16([raw["image"][i] for i in range(0, len(raw["image"]), 5)])  # 200 held-out digits
-        tokens, mask = image_encoder(dict(cfg["encoder"]))(self.ref_images)  # as in training: [R, N, 384]
-        self.features = vh.VLFeatures(tokens.float(), mask=mask)
+        self.encoded = ReferenceFeatures(self.ref_images, cfg["encoder"])  # as in training: [R, N, 384]
+        self.features = self.encoded.default
         self.minilm = load_minilm()
         self.empty = self.minilm.tokens([""])
         self.classifier = load_classifier(cfg.get("classifier"))
@@ -117,8 +115,9 @@ class ToyWorld:
         order = guidance_rows(ig, cfg, True)
         handle = None
         if arm.kind in INJECTING:
-            m = self.features.mask
-            feats = vh.VLFeatures(self.features.tokens[rows].repeat(len(order), 1, 1),
+            own = self.encoded.for_adapter(adapter)
+            m = own.mask
+            feats = vh.VLFeatures(own.tokens[rows].repeat(len(order), 1, 1),
                                   mask=None if m is None else m[rows].repeat(len(order), 1))
             config = injection_config(self.cfg["injection"], adapter if arm.kind == "adapter" else None)
             if scale is not None:
@@ -155,7 +154,8 @@ class ToyWorld:
         h = 16 // int(self.dit.config.all_patch_size[0])  # the image-token grid: [h, h]
         half = torch.zeros(h, h, dtype=torch.bool)
         half[:, : h // 2] = True  # [h, w]: the left half
-        tokens, m = self.features.tokens, self.features.mask
+        own = self.encoded.for_adapter(adapter)
+        tokens, m = own.tokens, own.mask
 
         def feats(rows: list[int]) -> vh.VLFeatures:  # the conditional rows, then the unconditional ones (off)
             return vh.VLFeatures(tokens[rows].repeat(2, 1, 1), mask=None if m is None else m[rows].repeat(2, 1))
@@ -186,3 +186,4 @@ class ToyWorld:
         labels = self.ref_labels if rows is None else self.ref_labels[rows]
         labels = np.tile(labels, len(samples) // len(labels))
         return {"class_match": (pred == labels).astype(float), "prompt_consistency": proba.max(1)}
+

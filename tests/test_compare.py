@@ -541,3 +541,22 @@ def test_a_trained_adapter_keeps_its_own_blocks_mode_and_placement():
     assert sorted(names) == sorted(adapter.config.sites) == ["context_refiner.0", "layers.0", "layers.1"]
     plain = injection_config({"blocks": "all", "mode": "joint"}, None)  # zero-shot arms: the compare config's own
     assert (plain.blocks, plain.mode) == ("all", "joint")
+
+
+def test_an_adapter_gets_the_features_it_was_trained_on(tmp_path):
+    """An adapter whose `feature_source` names another encoder layer than the compare config's `encoder` is given
+    the references encoded that way (what `vh.encode` gives for its spec), zero-shot arms the config's own."""
+    from vlhooks.train.encoders import image_encoder
+
+    cfg = toy_cfg(tmp_path, references={"split": "heldout", "count": 3, "seed": 0})
+    world = ToyWorld(cfg)
+    adapter = vh.ProjectionAdapter.create(world.dit, 384, kind="mlp")
+    own = {**cfg["encoder"], "layer": 3 if cfg["encoder"].get("layer") != 3 else 4}  # not the config's layer
+    adapter.config.feature_source = dict(own)
+    want, _ = image_encoder(own)(world.ref_images)
+    got = world.encoded.for_adapter(adapter)
+    assert torch.equal(got.tokens, want.float())
+    assert not torch.allclose(got.tokens, world.features.tokens)
+    assert world.encoded.for_adapter(None) is world.features
+    adapter.config.feature_source = dict(reversed(list(cfg["encoder"].items())))  # the same spec, another order
+    assert world.encoded.for_adapter(adapter) is world.features

@@ -256,6 +256,9 @@ def test_the_feature_probe_reads_the_class_from_the_shipped_encoder_and_keeps_ea
     second = run_probe([56], out=str(tmp_path), limit=20)
     assert second["written"] != first["written"]
     assert json.loads(Path(first["written"]).read_text())["counts"]["train"] == 200
+    mid = run_probe([56], limit=100, layers=[6])  # the residual stream after block 6, as `layer: 6` encodes it
+    assert list(mid["sizes"]) == ["56, layer 6"] and mid["sizes"]["56, layer 6"]["tokens"] == 17
+    assert mid["sizes"]["56, layer 6"]["probes"]["logistic, all tokens"]["heldout"] > 0.5
 
 
 def test_the_feature_probe_refuses_sizes_off_the_patch_grid(tmp_path, capsys):
@@ -264,4 +267,8 @@ def test_the_feature_probe_refuses_sizes_off_the_patch_grid(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--sizes", "56", "50", "--out", str(tmp_path / "p")])
     assert e.value.code == 2 and "multiples of 14" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["--layers", "13", "--out", str(tmp_path / "p")])
+    assert e.value.code == 2 and "block indices 0-12" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
