@@ -1068,18 +1068,24 @@ def _capture(fn):
     return g, out
 
 
-def _graph_pair(key: str, label: str, fwd, patch) -> None:
+def _graph_pair(key: str, label: str, fwd, patch, env: dict | None = None) -> None:
     """Plain and patched forwards, each captured as a CUDA graph, replayed alternately (`CALLS` replays a timing):
     the device's cost of the patch with the host taken out of both sides. Before timing, each graph's replay is
-    checked against the same forward run eagerly (bit for bit, or its largest difference is recorded)."""
+    checked against the same forward run eagerly (bit for bit, or its largest difference is recorded). `env`: the
+    switches set while the patched forward runs eagerly and is captured (the graph keeps the path they chose)."""
     with torch.no_grad():
         eager_plain = [t.clone() for t in _outputs(fwd())]
     g_plain, out_plain = _capture(fwd)
+    os.environ.update(env or {})
     handle = patch()
     try:
-        with torch.no_grad():
-            eager_patched = [t.clone() for t in _outputs(fwd())]
-        g_patched, out_patched = _capture(fwd)
+        try:
+            with torch.no_grad():
+                eager_patched = [t.clone() for t in _outputs(fwd())]
+            g_patched, out_patched = _capture(fwd)
+        finally:
+            for k in env or {}:
+                os.environ.pop(k, None)
         for name, g, out, ref in (("plain", g_plain, out_plain, eager_plain),
                                   ("patched", g_patched, out_patched, eager_patched)):
             g.replay()
@@ -1123,6 +1129,12 @@ def graphs():
         feats = vh.VLFeatures(rnd(1, 64, 3584))
         _graph_pair("qwenimage_joint_64_graph_ratio", "Qwen-Image joint 64 tok, all blocks, CUDA graphs",
                     lambda: m(**kw), lambda: vh.apply_injection(m, feats, vh.InjectionConfig()))
+        if "qwenimage_variants" in sel:  # where its ~70 us a block go: each kernel switched off in turn
+            for name, label, env in (("concat", "two-pass kernel off", {"VLHOOKS_FUSED_ATTENTION": "0"}),
+                                     ("cublas_kv", "extras' K/V by cuBLAS", {"VLHOOKS_FUSED_KV": "0"}),
+                                     ("eager_text", "text-path kernels off", {"VLHOOKS_FUSED_TEXT": "0"})):
+                _graph_pair(f"qwenimage_joint_64_{name}_graph_ratio", f"Qwen-Image joint 64, {label}, CUDA graphs",
+                            lambda: m(**kw), lambda: vh.apply_injection(m, feats, vh.InjectionConfig()), env)
     if "zimage" in sel:
         m = model("z_image")
         lat, t, cap = zimage_inputs()

@@ -11,6 +11,11 @@
   after K (Z-Image's), after V, or split (the extras' K right after the block's K, their V right after its V), each minus the block
   alone; beside them the pair on cold weights.
 
+- `fold`: a double-stream block's text-side K and V projections (Qwen-Image: 128 caption rows at 3072; Flux.1's
+  double blocks: 512 at 3072; Flux.2's: 512 at 6144) with the extras' rows stacked under the caption's in the same
+  two GEMMs, against the two GEMMs of the caption alone plus the extras' own pair (cuBLAS and the shipped
+  `fused_text.linear_pair`): what folding the extras into the block's own text-side GEMMs would save a block.
+
 Each timing queues 20 calls behind 1.4 ms of other GPU work (4.2 ms for the second pass alone, whose autotuned
 dispatch costs the host more), so the GPU's time is measured, not the host's launch cost (a Triton launch takes
 ~40 us of Python), over rotating copies of the operands (so that no weight or activation sits
@@ -18,7 +23,7 @@ in the 50 MB L2 across calls, as in the model, where every block has its own), p
 min-max of 10 such timings are printed.
 
     python benchmarks/micro_extras.py            # gemm, merge, l2
-    python benchmarks/micro_extras.py gemm       # one part
+    python benchmarks/micro_extras.py gemm       # one part (also: fold)
 """
 
 from __future__ import annotations
@@ -218,8 +223,43 @@ def l2():
         torch.cuda.empty_cache()
 
 
+def fold():
+    import os
+
+    from vlhooks import fused_text
+
+    os.environ["VLHOOKS_FUSED_KV"] = "always"
+    print("fold: text-side K and V GEMMs of a double-stream block, the extras' rows apart or stacked in (us a block)",
+          flush=True)
+    for name, lt, m, d, bias in (("qwen_image", 128, 64, 3072, True), ("flux", 512, 128, 3072, True),
+                                 ("flux2", 512, 64, 6144, False)):
+        sets = max(2, int(400e6 // (2 * d * d * 2)) + 1)  # > 400 MB of weights in rotation: cold, as in the model
+        pairs = [(nn.Linear(d, d, bias=bias, device=DEV, dtype=DT), nn.Linear(d, d, bias=bias, device=DEV, dtype=DT))
+                 for _ in range(sets)]
+        txt = [torch.randn(lt, d, device=DEV, dtype=DT) for _ in range(sets)]
+        ext = [torch.randn(m, d, device=DEV, dtype=DT) for _ in range(sets)]
+        both = [torch.cat([t, e]) for t, e in zip(txt, ext)]
+        with torch.no_grad():
+            a, b = pairs[0]
+            sep = (a(txt[0]), b(txt[0]), *fused_text.linear_pair(ext[0], a, b))
+            st = (a(both[0]), b(both[0]))
+            diff = max(float((st[0][:lt] - sep[0]).abs().max()), float((st[0][lt:] - sep[2]).abs().max()))
+            t_txt = timed(lambda i: (pairs[i][0](txt[i]), pairs[i][1](txt[i])), sets, queue=3)
+            t_sep_cublas = timed(lambda i: (pairs[i][0](txt[i]), pairs[i][1](txt[i]), pairs[i][0](ext[i]),
+                                            pairs[i][1](ext[i])), sets, queue=3)
+            t_sep_kernel = timed(lambda i: (pairs[i][0](txt[i]), pairs[i][1](txt[i]),
+                                            fused_text.linear_pair(ext[i], *pairs[i])), sets, queue=3)
+            t_stacked = timed(lambda i: (pairs[i][0](both[i]), pairs[i][1](both[i])), sets, queue=3)
+            t_cat = timed(lambda i: (torch.cat([txt[i], ext[i]]),), sets, queue=3)
+        print(f"  {name} {lt} + {m} rows x {d}: caption alone {fmt(t_txt)}; + extras apart, cuBLAS {fmt(t_sep_cublas)}, "
+              f"K/V kernel {fmt(t_sep_kernel)}; stacked {fmt(t_stacked)} (+ the rows' concatenation {fmt(t_cat)}); "
+              f"stacked vs apart max |diff| {diff:.3g}", flush=True)
+        del pairs, txt, ext, both
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
     parts = sys.argv[1:] or ["gemm", "merge", "l2"]
     for p in parts:
-        {"gemm": gemm, "merge": merge, "l2": l2}[p]()
+        {"gemm": gemm, "merge": merge, "l2": l2, "fold": fold}[p]()
