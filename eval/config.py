@@ -19,7 +19,7 @@ TOY_DEFAULT: dict[str, Any] = {
     "world": "toy",
     "dit": "checkpoints/toy-dit/final",
     "classifier": "checkpoints/toy-classifier",
-    "encoder": {"name": "dinov2-small", "image_size": 56, "include_cls": True},
+    "encoder": {"name": "dinov2-small", "image_size": 56, "include_cls": True, "layer": 6},
     "prompts": ["a handwritten digit"],
     "references": {"source": "mnist", "split": "heldout", "count": 50, "seed": 0},
     "seeds": [0, 1, 2, 3, 4],

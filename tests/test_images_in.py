@@ -92,7 +92,7 @@ def test_encode_caches_per_image_and_settings(monkeypatch):
 @pytest.mark.slow
 @torch.no_grad()
 def test_an_image_equals_the_long_route_in_the_toy_world():
-    """The shipped toy adapter records DINOv2-S at 56 px with CLS; an image in equals extracting it by hand."""
+    """The shipped toy adapter records DINOv2-S at 56 px, CLS, layer 6; an image in equals extracting it by hand."""
     from vlhooks.encoders import load_extractor
     from vlhooks.models import load_transformer
     from vlhooks.train.data import load_source
@@ -106,7 +106,7 @@ def test_an_image_equals_the_long_route_in_the_toy_world():
     sigma = torch.tensor([0.6])
     with vh.inject(dit, digit, adapter=adapter):
         short = fam.velocity(dit, x, sigma, caption)
-    feats = load_extractor("dinov2-small", image_size=56, include_cls=True)([digit])
+    feats = load_extractor("dinov2-small", image_size=56, include_cls=True, layer=6)([digit])
     with vh.inject(dit, feats, adapter=adapter):
         assert torch.equal(fam.velocity(dit, x, sigma, caption), short)
 
