@@ -352,6 +352,16 @@ def run(cfg: dict[str, Any], command: str = "vlhooks compare") -> dict[str, Any]
     return {"arms": summary, **extra, "out": str(out)}
 
 
+def parse_adapters(values: list[str], error) -> dict[str, str]:
+    """`--adapters NAME=PATH ...` (or `none`) as the config's `adapters`; `error` (argparse's) reports bad pairs."""
+    if values == ["none"]:
+        return {}
+    bad = [x for x in values if "=" not in x]
+    if bad:
+        error(f"--adapters takes NAME=PATH pairs (e.g. projection=checkpoints/toy-projection/final), got {bad}")
+    return dict(x.split("=", 1) for x in values)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vlhooks compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -375,13 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.adapters:
-        if a.adapters == ["none"]:
-            cfg["adapters"] = {}
-        else:
-            bad = [x for x in a.adapters if "=" not in x]
-            if bad:
-                p.error(f"--adapters takes NAME=PATH pairs (e.g. projection=checkpoints/toy-projection/final), got {bad}")
-            cfg["adapters"] = dict(x.split("=", 1) for x in a.adapters)
+        cfg["adapters"] = parse_adapters(a.adapters, p.error)
     if a.references is not None:  # 0 too: refused by the config check, not ignored
         cfg["references"] = {**cfg["references"], "count": a.references}
     if a.no_studies:

@@ -10,7 +10,7 @@ Sets (each 50 references spread over the classes, 5 seeds, the compare defaults 
 - `invert`: dark ink on a light background (a scan of paper);
 - `blur`: Gaussian blur, sigma 1.2 px.
 
-    python -m vlhooks.eval.robustness [--out outputs/robustness] [--image-guidance 6]
+    python -m vlhooks.eval.robustness [--out outputs/robustness] [--image-guidance 6] [--adapters NAME=PATH ...]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ UNLIKE = [s for s in SETS if s != "heldout"]
 
 def run_robustness(out: str = "outputs/robustness", arms: list[str] | None = None, count: int = 50,
                    seeds: list[int] | None = None, image_guidance: float | None = None,
-                   sets: list[str] | None = None) -> dict:
+                   sets: list[str] | None = None, adapters: dict[str, str] | None = None) -> dict:
     from .compare import run
     from .config import load_config
     from .report import claim_out
@@ -45,6 +45,8 @@ def run_robustness(out: str = "outputs/robustness", arms: list[str] | None = Non
     results: dict = {"sets": {}, "count": count}
     for name in sets or list(SETS):
         cfg = load_config(None)
+        if adapters is not None:  # the user's own adapters instead of the shipped ones
+            cfg["adapters"] = adapters
         cfg.update(references={**SETS[name], "count": count, "seed": 0}, sweep=None, conflict=None, pairs=None,
                    out=str(Path(out) / name), image_guidance=image_guidance,
                    arms=arms or ["zero-shot", *cfg["adapters"]])
@@ -90,11 +92,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--sets", nargs="+", choices=list(SETS))
     p.add_argument("--arms", nargs="+")
+    p.add_argument("--adapters", nargs="+", metavar="NAME=PATH",
+                   help="trained adapters to score, one arm each (default: the shipped ones)")
     a = p.parse_args(argv)
     from vlhooks.errors import CompareError
 
+    from .compare import parse_adapters
+
     try:
-        r = run_robustness(a.out, a.arms, a.references, a.seeds, a.image_guidance, a.sets)
+        r = run_robustness(a.out, a.arms, a.references, a.seeds, a.image_guidance, a.sets,
+                           parse_adapters(a.adapters, p.error) if a.adapters else None)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

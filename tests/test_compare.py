@@ -399,6 +399,23 @@ def test_robustness_and_provenance_leave_a_users_files_intact(tmp_path, capsys):
     assert json.loads((folder / "training.json").read_text())["recipe"] == str(recipe)
 
 
+
+def test_robustness_scores_a_users_own_adapter(tmp_path, capsys):
+    """`--adapters NAME=PATH` scores that folder: the shipped projection under another name gives the shipped arm's
+    figures on the same set, references and seeds; a bad pair exits 2 naming the form."""
+    from vlhooks.eval import robustness
+
+    common = ["--sets", "thick", "--references", "10", "--seeds", "0"]
+    shipped = robustness.run_robustness(str(tmp_path / "a"), ["projection"], 10, [0], sets=["thick"])
+    assert robustness.main(["--out", str(tmp_path / "b"), *common,
+                            "--adapters", f"mine={ROOT / 'checkpoints/toy-projection/final'}"]) == 0
+    mine = json.loads((tmp_path / "b" / "robustness.json").read_text())
+    assert list(mine["sets"]["thick"]) == ["zero-shot", "mine"]
+    assert mine["sets"]["thick"]["mine"] == shipped["sets"]["thick"]["projection"]
+    with pytest.raises(SystemExit) as e:
+        robustness.main(["--out", str(tmp_path / "c"), *common, "--adapters", "checkpoints/toy-projection/final"])
+    assert e.value.code == 2 and "NAME=PATH" in capsys.readouterr().err
+
 # ------------------------------------------------------------------------------------------- the pipeline world
 @pytest.mark.slow
 def test_pipeline_world_on_a_saved_tiny_pipeline(tmp_path):
